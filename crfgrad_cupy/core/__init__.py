@@ -1,0 +1,3 @@
+"""The math of CRF-Grad as pure functions over an array module (NumPy or CuPy).
+
+Nothing here knows about Caffe, blobs or layers."""
