@@ -65,7 +65,8 @@ V1_TYPE_NAMES = {
     'TANH': 'TanH',
     'WINDOW_DATA': 'WindowData',
     'THRESHOLD': 'Threshold',
-    # forks whose V1 nets we read (CRF-as-RNN, DeepLab v1)
+    # forks whose V1 nets we read: CRF-as-RNN, DeepLab v1 (string names as
+    # in DeepLab v2 / the CRF-as-RNN port to current Caffe)
     'CROP': 'Crop',
     'MULTI_STAGE_MEANFIELD': 'MultiStageMeanfield',
     'INTERP': 'Interp',
@@ -74,11 +75,11 @@ V1_TYPE_NAMES = {
     'DENSE_CRF': 'DenseCRF',
     'MAT_WRITE': 'MatWrite',
     'MAT_READ': 'MatRead',
-    'ADAPTIVE_BIAS_CHANNEL': 'AdaptiveBiasChannel',
-    'DOMAIN_TRANSFORM': 'DomainTransform',
-    'UNIQUE_LABEL': 'UniqueLabel',
-    'WEIGHTED_SOFTMAX_LOSS': 'WeightedSoftmaxWithLoss',
     'BIAS_CHANNEL': 'BiasChannel',
+    'UNIQUE_LABEL': 'UniqueLabel',
+    'ADAPTIVE_BIAS_CHANNEL': 'AdaptiveBiasChannel',
+    # DeepLab v1's PADDING layer has no counterpart in current Caffe
+    'PADDING': None,
 }
 
 # V0 type string -> V1 enum name.
@@ -343,6 +344,13 @@ def v1_type_string(entry, source=None):
     return V1_TYPE_NAMES[enum_name]
 
 
+def _repeated(fd):
+    flag = getattr(fd, 'is_repeated', None)
+    if flag is None:  # protobuf < 5.x
+        return fd.label == fd.LABEL_REPEATED
+    return flag() if callable(flag) else bool(flag)
+
+
 def _v1_to_v2(net, source):
     entries = list(net.layers)
     del net.layers[:]
@@ -384,11 +392,19 @@ def _v1_layer_to_v2(entry, layer, source):
         if fd.name in _V1_SPECIAL:
             continue
         tfd = target_fields.get(fd.name)
-        if tfd is None or tfd.message_type is None or \
-                tfd.message_type.full_name != fd.message_type.full_name:
+        same = tfd is not None and tfd.type == fd.type and _repeated(tfd) == _repeated(fd) and (
+            fd.message_type is None or tfd.message_type.full_name == fd.message_type.full_name)
+        if not same:
             raise CrfGradError('V1 field %r has no counterpart in the current LayerParameter'
                                % fd.name, file=source, layer=entry.name or None, field=fd.name)
-        getattr(layer, fd.name).CopyFrom(value)
+        if fd.message_type is not None:
+            getattr(layer, fd.name).CopyFrom(value)
+        else:
+            setattr(layer, fd.name, value)
+    # DeepLab v1 loss: softmaxloss_param { ignore_label: L } -> loss_param.ignore_label
+    if layer.HasField('softmaxloss_param') and len(layer.softmaxloss_param.ignore_label) == 1 \
+            and not layer.loss_param.HasField('ignore_label'):
+        layer.loss_param.ignore_label = layer.softmaxloss_param.ignore_label[0]
 
 
 # ------------------------------------------------------------------------ input
