@@ -1,0 +1,71 @@
+"""Leaky projection onto the probability simplex (paper Alg. 2, eq. 12) and its VJP (eq. 13).
+
+Per pixel, over the L values ``v`` along ``axis`` (Caffe's rule, float arithmetic in the
+input dtype with a sequential running sum):
+
+1. sort descending v(1) >= ... >= v(L);
+2. for r = 1..L-1: t_r = (v(1)+...+v(r) - 1)/r; the FIRST r with t_r >= v(r+1) gives t = t_r, rho = r;
+3. if none stops: t = (v(1)+...+v(L) - 1)/L, rho = L ("all active");
+4. out = v - t where v - t > 0, else leak·(v - t).
+
+leak = 0 is the exact Euclidean projection (Chen & Ye); leak > 0 is the paper's f_alpha.
+"""
+from collections import namedtuple
+
+from .. import backend
+
+ProjectionInfo = namedtuple('ProjectionInfo', ['tau', 'rho'])
+ProjectionInfo.__doc__ = """What the VJP needs besides the input: ``tau`` (the threshold t) and ``rho``
+(the stop index r, = L when the loop did not stop), both with the projection axis kept as size 1."""
+
+
+def simplex_threshold(s, axis=0):
+    """(tau, rho) of Caffe's rule along ``axis``; both keep ``axis`` with size 1 (rho is int32)."""
+    xp = backend.get_array_module(s)
+    v = xp.moveaxis(s, axis, -1)
+    L = v.shape[-1]
+    srt = xp.flip(xp.sort(v, axis=-1), axis=-1)                        # descending
+    csum = xp.cumsum(srt, axis=-1)                                     # sequential, as Caffe's loop
+    r = xp.arange(1, L + 1, dtype=s.dtype)
+    tau_r = (csum - 1) / r                                             # t_r for r = 1..L
+    if L > 1:
+        stop = tau_r[..., :-1] >= srt[..., 1:]                         # r = 1..L-1
+        any_stop = xp.any(stop, axis=-1)
+        first = xp.argmax(stop, axis=-1)                               # first True (0 if none)
+        rho = xp.where(any_stop, first + 1, L).astype(xp.int32)
+    else:
+        rho = xp.ones(v.shape[:-1], dtype=xp.int32)
+    tau = xp.take_along_axis(tau_r, (rho - 1)[..., None].astype(xp.int64), axis=-1)
+    rho = rho[..., None]
+    return xp.moveaxis(tau, -1, axis), xp.moveaxis(rho, -1, axis)
+
+
+def leaky_apply(s, tau, leak):
+    """Step 4 given the threshold: z = s - tau; z if z > 0 else leak·z."""
+    xp = backend.get_array_module(s)
+    z = s - tau
+    return xp.where(z > 0, z, z * s.dtype.type(leak))
+
+
+def project_simplex(s, leak, axis=0):
+    """Leaky simplex projection of ``s`` along ``axis``. Returns (out, ProjectionInfo)."""
+    tau, rho = simplex_threshold(s, axis)
+    return leaky_apply(s, tau, leak), ProjectionInfo(tau, rho)
+
+
+def project_simplex_vjp(g, s, info, leak, axis=0):
+    """Jᵀg of the leaky projection at ``s`` (eq. 13, Caffe's backward).
+
+    a_c = 1 if s_c > t else leak;  dt/ds_c = 1/rho if s_c > t, 0 otherwise, or 1/L for every c when
+    the loop did not stop (rho = L);  (Jᵀg)_c = a_c·g_c - dt/ds_c · Σ_j a_j·g_j.
+    """
+    xp = backend.get_array_module(s, g)
+    L = s.shape[axis]
+    dt = s.dtype.type
+    active = s > info.tau
+    a = xp.where(active, dt(1), dt(leak))
+    ag = a * g
+    total = xp.sum(ag, axis=axis, keepdims=True)
+    inv_rho = dt(1) / info.rho.astype(s.dtype)
+    dtau = xp.where(info.rho == L, dt(1) / dt(L), xp.where(active, inv_rho, dt(0)))
+    return ag - dtau * total
