@@ -1,0 +1,669 @@
+"""Permutohedral lattice filtering with learnable taps (bilateralNN / caffe-crfgd semantics).
+
+Pure functions and classes over an array module (NumPy or CuPy, taken from the
+inputs); nothing here knows about Caffe blobs or layers.
+
+Points are columns: features ``(d, n)``, values ``(C, n)`` (point index = y·W + x
+for an image).  One :class:`Lattice` is built per image from its input points
+(splatted) and output points (sliced); both live in one lattice.
+
+Construction (Adams et al. 2010, as Caffe computes it, float32 where Caffe uses float):
+
+* elevation ``e = E p`` into d+1 coordinates with the per-feature scale
+  ``σ_i = sqrt(2/3)(d+1) / sqrt((i+1)(i+2))``;
+* the nearest remainder-0 point (rounding half away from zero), the rank of each
+  residual coordinate, the enclosing simplex, and barycentric weights ``b_r``;
+* the d+1 simplex vertices of every point; vertices are deduplicated with one
+  sort of linear integer codes of their keys (no loop over points);
+* the immediate neighbours ``v + v_k`` (``v_k = (d+1)e_k - 1``) of every vertex
+  and, from them, the tap table ``nbr[v, f]`` of Caffe's approximate walk:
+  tap ``f = (i_0 … i_d)`` is reached by i_0 steps along direction 0, then i_1
+  along direction 1, …, through EXISTING vertices only; a walk that leaves the
+  lattice gives the missing vertex (index M, which holds 0).
+
+Operators (Z, Y: lattice values, one row per channel)::
+
+    splat   Z[c, v] = Σ_{k: v ∈ simplex(k)} b_{k,v} x[c, k]          (input points)
+    blur    Y[o, v] = Σ_{c, f} W[o, c, f] Z[c, nbr[v, f]]             (missing -> 0)
+    slice   y[o, k] = Σ_r b_{k,r} Y[o, vertex(k, r)]                  (output points)
+
+Internally lattice values are stored vertex-major (M, C); the public methods take
+and return channel-first arrays (transposed views where possible).  Splat/slice
+are sparse matrices (scipy.sparse / cupyx.scipy.sparse) built once; blur is a
+chunked gather of the tap table followed by one matrix product per chunk; the
+blur adjoint is the same gather through the inverse tap table (every tap map
+``v -> nbr[v, f]`` is injective on existing vertices, so no scatter is needed).
+"""
+import functools
+import itertools
+
+import numpy as np
+
+from .. import backend
+
+__all__ = ['num_taps', 'tap_steps', 'gaussian_taps', 'Lattice', 'build_lattice', 'BilateralFilter']
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+
+def _sparse(xp):
+    """scipy.sparse for NumPy arrays, cupyx.scipy.sparse for CuPy arrays."""
+    if xp is np:
+        import scipy.sparse as sp
+    else:  # pragma: no cover - needs a GPU
+        import cupyx.scipy.sparse as sp
+    return sp
+
+
+def _is_numpy(xp):
+    return xp is np
+
+
+def _chunk_rows(xp, row_elems, itemsize):
+    """Rows per chunk so that one gathered chunk is a few MB (CPU) or ~256 MB (GPU)."""
+    budget = (4 << 20) if _is_numpy(xp) else (256 << 20)
+    return max(1, budget // max(1, row_elems * itemsize))
+
+
+def num_taps(d, neighborhood_size):
+    """F = (s+1)^(d+1) - s^(d+1): number of filter taps (d=5, s=1 -> 63)."""
+    d, s = int(d), int(neighborhood_size)
+    return (s + 1) ** (d + 1) - s ** (d + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_steps_cached(d, s):
+    steps = [t for t in itertools.product(range(s + 1), repeat=d + 1) if min(t) == 0]
+    out = np.array(steps, dtype=np.int64).reshape(-1, d + 1)
+    out.setflags(write=False)
+    return out
+
+
+def tap_steps(d, neighborhood_size):
+    """(F, d+1) int array: tap f walks ``steps[f, k]`` times along lattice direction k.
+
+    Caffe's order: lexicographic with direction 0 most significant, tuples with at
+    least one 0 only (for s = 1 tap f is the binary number i_0 … i_d)."""
+    return _tap_steps_cached(int(d), int(neighborhood_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_taps_np(d, s, dtype_name):
+    dtype = np.dtype(dtype_name).type
+    steps = tap_steps(d, s)
+    F = steps.shape[0]
+    # exact (d+1)-coordinate keys of the tap offsets Σ_k i_k v_k, v_k = (d+1) e_k - 1
+    keys = (d + 1) * steps - steps.sum(axis=1, keepdims=True)
+    index = {tuple(k): i for i, k in enumerate(keys.tolist())}
+    lattice = np.zeros(F + 1, dtype=dtype)        # slot F = outside the support (0)
+    lattice[0] = 1                                # unit impulse at the centre (tap 0)
+    half = dtype(0.5)
+    for k in range(d + 1):
+        step = -np.ones(d + 1, dtype=np.int64)
+        step[k] += d + 1
+        up = np.array([index.get(tuple(r), F) for r in (keys + step).tolist()])
+        down = np.array([index.get(tuple(r), F) for r in (keys - step).tolist()])
+        new = np.empty_like(lattice)
+        new[:F] = lattice[:F] * dtype(1) + (lattice[up] + lattice[down]) * half
+        new[F] = 0
+        lattice = new
+    out = (lattice[:F] / lattice[0]).astype(dtype)
+    out.setflags(write=False)
+    return out
+
+
+def gaussian_taps(d, neighborhood_size, xp=np, dtype=np.float32):
+    """(F,) Caffe's Gaussian filter on the size-s neighbourhood, normalised so that tap 0 is 1.
+
+    A unit impulse on the (exact) neighbourhood lattice is blurred with [0.5, 1, 0.5]
+    along each lattice direction 0..d in turn (points outside the neighbourhood are
+    0), then divided by the centre value.  s=1, d=5: by number m of unit steps
+    1, 17/33, 10/33, 8/33, 10/33, 17/33."""
+    g = _gaussian_taps_np(int(d), int(neighborhood_size), np.dtype(dtype).name)
+    return xp.asarray(g.copy())
+
+
+def _round_half_away(xp, x):
+    """Round half away from zero (C's round) of a float32 array, as int64."""
+    x = x.astype(np.float64)
+    return xp.trunc(x + xp.copysign(0.5, x)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# lattice construction
+# --------------------------------------------------------------------------------------
+
+def _elevate_and_simplex(features, xp):
+    """Caffe's elevation, rounding, ranking and barycentric weights.
+
+    features (d, n) float32/float64.  Returns rem0 (d+1, n) int64, rank (d+1, n) int64
+    and bary (d+1, n) in the features' dtype (b_r for the r-th simplex vertex)."""
+    d, n = features.shape
+    dtype = features.dtype.type
+    f32 = np.float32
+    inv_std_dev = f32(np.sqrt(2.0 / 3.0) * (d + 1))
+    scale = [dtype(f32(1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev))) for i in range(d)]
+
+    # elevated[j] = sm - j * cf (j = d..1), sm accumulates cf; elevated[0] = sm
+    elevated = xp.empty((d + 1, n), dtype=dtype)
+    sm = xp.zeros(n, dtype=dtype)
+    for j in range(d, 0, -1):
+        cf = features[j - 1] * scale[j - 1]
+        elevated[j] = sm - dtype(j) * cf
+        sm = sm + cf
+    elevated[0] = sm
+
+    down_factor = f32(1.0) / f32(d + 1)
+    elev32 = elevated.astype(f32, copy=False)
+    rd = _round_half_away(xp, down_factor * elev32)           # (d+1, n)
+    rem0 = rd * (d + 1)
+    total = rd.sum(axis=0)
+
+    # rank: pairwise comparison of the residuals in float32 (ties -> higher index ranks higher)
+    resid = elev32 - rem0.astype(f32)
+    rank = xp.zeros((d + 1, n), dtype=np.int64)
+    for i in range(d):
+        for j in range(i + 1, d + 1):
+            less = resid[i] < resid[j]
+            rank[i] += less
+            rank[j] += ~less
+    rank += total[None, :]
+    low = rank < 0
+    high = rank > d
+    rank += (d + 1) * low.astype(np.int64) - (d + 1) * high.astype(np.int64)
+    rem0 += (d + 1) * low.astype(np.int64) - (d + 1) * high.astype(np.int64)
+
+    # barycentric weights; rank is a permutation of 0..d per point, so every slot
+    # receives exactly one +v and one -v (order-independent in floating point)
+    v = (elevated - rem0.astype(dtype)) * dtype(down_factor)  # (d+1, n)
+    plus = xp.zeros((d + 2) * n, dtype=dtype)
+    minus = xp.zeros((d + 2) * n, dtype=dtype)
+    cols = xp.arange(n, dtype=np.int64)[None, :]
+    plus[((d - rank) * n + cols).ravel()] = v.ravel()
+    minus[((d - rank + 1) * n + cols).ravel()] = v.ravel()
+    bary = (plus - minus).reshape(d + 2, n)
+    b0 = bary[0].astype(np.float64) + (1.0 + bary[d + 1].astype(np.float64))
+    bary = bary[:d + 1]
+    bary[0] = b0.astype(dtype)
+    return rem0, rank, bary
+
+
+def _vertex_codes(rem0, rank, d, xp):
+    """Integer codes of the d+1 simplex vertices of every point.
+
+    Vertex r of a point has key_i = rem0_i + r - (d+1)[rank_i > d - r] (i < d).
+    The code is linear in the key, ``Σ_i a_i (key_i - base_i)``: exact mixed radix
+    when the key box (widened for neighbour steps) fits in 62 bits, else a 64-bit
+    hash with random odd multipliers (collisions are detected by the caller).
+    Returns codes (d+1, n) int64, the multipliers a (d,) int64, whether the code is
+    exact, and a function computing the full keys (for hash verification)."""
+    n = rem0.shape[1]
+    lo = xp.min(rem0[:d], axis=1) if n else xp.zeros(d, np.int64)
+    hi = xp.max(rem0[:d], axis=1) if n else xp.zeros(d, np.int64)
+    lo = [int(x) for x in backend.to_numpy(lo)]
+    hi = [int(x) for x in backend.to_numpy(hi)]
+    # keys lie in [rem0 - d, rem0 + d]; neighbour steps add at most d or subtract 1
+    base = [l - 2 * d - 2 for l in lo]
+    width = [h - l + 4 * d + 5 for h, l in zip(hi, lo)]
+    total_bits = sum(int(w).bit_length() for w in width)
+    exact = total_bits <= 62
+    if exact:
+        mult, acc = [], 1
+        for w in width:
+            mult.append(acc)
+            acc *= w
+    else:
+        g = np.random.default_rng(0x5EED + d)
+        mult = [int(m) | 1 for m in g.integers(1, 2 ** 62, size=d)]
+        mult = [m if m < 2 ** 63 else m - 2 ** 64 for m in mult]
+    a = np.array(mult, dtype=np.int64)
+    sum_a = int(np.sum(a, dtype=np.int64)) if d else 0
+
+    with np.errstate(over='ignore'):
+        c0 = xp.zeros(n, dtype=np.int64)
+        for i in range(d):
+            c0 += (rem0[i] - base[i]) * np.int64(a[i])
+        # stride of the coordinate that has rank q (coordinate d has none)
+        by_rank = xp.zeros((d + 1) * n, dtype=np.int64)
+        cols = xp.arange(n, dtype=np.int64)
+        for i in range(d):
+            by_rank[rank[i] * n + cols] = np.int64(a[i])
+        by_rank = by_rank.reshape(d + 1, n)
+        codes = xp.empty((d + 1, n), dtype=np.int64)
+        codes[0] = c0
+        for r in range(1, d + 1):
+            # key_r = key_{r-1} + 1 on all coordinates, - (d+1) on the one with rank d-r+1
+            codes[r] = codes[r - 1] + np.int64(sum_a) - np.int64(d + 1) * by_rank[d - r + 1]
+
+    def keys():
+        kk = xp.empty((d + 1, d, n), dtype=np.int64)
+        for r in range(d + 1):
+            kk[r] = rem0[:d] + r - (d + 1) * (rank[:d] > d - r)
+        return kk
+    return codes, a, exact, keys
+
+
+def _unique_inverse(xp, codes):
+    """Sorted unique codes and, for every input code, its index in them."""
+    order = xp.argsort(codes)
+    sc = codes[order]
+    if sc.size == 0:
+        return sc, xp.zeros(0, dtype=np.int64), order, sc
+    new = xp.empty(sc.shape, dtype=bool)
+    new[0] = True
+    xp.not_equal(sc[1:], sc[:-1], out=new[1:])
+    gid = xp.cumsum(new) - 1
+    inverse = xp.empty_like(gid)
+    inverse[order] = gid
+    return sc[new], inverse, order, new
+
+
+class Lattice:
+    """Permutohedral lattice of the points ``in_features`` (d, n_in) and ``out_features``
+    (d, n_out); built once, reused for every filtering, normalisation and backward.
+
+    Attributes: d, n_in, n_out, num_vertices (M), neighborhood_size, num_taps (F),
+    dtype, xp, same_points (True when input and output points are the same).
+    Internals: ``vertex_in`` (n_in, d+1) vertex indices and ``weight_in`` (n_in, d+1)
+    barycentric weights (likewise ``*_out``), ``nbr`` (M, F) tap table (M = missing),
+    ``immediate`` (d+1, M) one-step neighbours, sparse splat/slice matrices."""
+
+    def __init__(self, in_features, out_features=None, neighborhood_size=1, visualize=False):
+        xp = backend.get_array_module(in_features)
+        if in_features.ndim != 2:
+            raise ValueError('in_features must be (d, n_in), got shape %s' % (in_features.shape,))
+        if in_features.dtype not in (np.float32, np.float64):
+            in_features = in_features.astype(np.float32)
+        same = out_features is None or out_features is in_features
+        if not same:
+            if out_features.ndim != 2 or out_features.shape[0] != in_features.shape[0]:
+                raise ValueError('out_features must be (d, n_out) with d = %d, got shape %s'
+                                 % (in_features.shape[0], out_features.shape))
+            out_features = out_features.astype(in_features.dtype, copy=False)
+        s = int(neighborhood_size)
+        if s < 1:
+            raise ValueError('neighborhood_size must be >= 1, got %d' % s)
+        d, n_in = in_features.shape
+        if d < 1:
+            raise ValueError('the features need at least one channel (d >= 1)')
+        n_out = n_in if same else out_features.shape[1]
+        self.xp = xp
+        self.d = int(d)
+        self.n_in = int(n_in)
+        self.n_out = int(n_out)
+        self.neighborhood_size = s
+        self.num_taps = num_taps(d, s)
+        self.dtype = in_features.dtype.type
+        self.same_points = same
+
+        feats = in_features if same else xp.concatenate([in_features, out_features], axis=1)
+        feats = xp.ascontiguousarray(feats)
+        n = feats.shape[1]
+        rem0, rank, bary = _elevate_and_simplex(feats, xp)
+        if visualize:
+            bary = xp.ones_like(bary)
+
+        codes, mult, exact, keys_fn = _vertex_codes(rem0, rank, d, xp)
+        # point-major order (point k, vertex r) like Caffe's offset_ array
+        codes_pm = codes.T.ravel()
+        uniq, inverse, order, new = _unique_inverse(xp, codes_pm)
+        M = int(uniq.shape[0])
+        if not exact:
+            keys_pm = keys_fn().transpose(2, 0, 1).reshape(n * (d + 1), d)
+            first = order[new]
+            ukeys = keys_pm[first]
+            if not bool(xp.all(keys_pm == ukeys[inverse])):
+                raise RuntimeError('permutohedral lattice: hash collision of vertex keys '
+                                   '(features too large or too many dimensions)')
+        else:
+            ukeys = None
+        self.num_vertices = M
+        vertex = inverse.reshape(n, d + 1).astype(np.int32)
+        weight = xp.ascontiguousarray(bary.T)
+        self.vertex_in = vertex[:n_in]
+        self.weight_in = weight[:n_in]
+        if same:
+            self.vertex_out, self.weight_out = self.vertex_in, self.weight_in
+        else:
+            self.vertex_out = vertex[n_in:]
+            self.weight_out = weight[n_in:]
+
+        # immediate neighbours v + v_k (k = 0..d), -1 -> M (missing)
+        sum_a = np.int64(np.sum(mult, dtype=np.int64))
+        imm = xp.empty((d + 1, M + 1), dtype=np.int64)
+        with np.errstate(over='ignore'):
+            for k in range(d + 1):
+                delta = -sum_a + (np.int64(d + 1) * mult[k] if k < d else np.int64(0))
+                q = uniq + delta
+                idx = xp.searchsorted(uniq, q)
+                idx_c = xp.minimum(idx, max(M - 1, 0))
+                found = (idx < M) & (uniq[idx_c] == q) if M else idx < 0
+                if found.size and ukeys is not None:
+                    step = -np.ones(d, dtype=np.int64)
+                    if k < d:
+                        step[k] += d + 1
+                    found &= xp.all(ukeys[idx_c] == ukeys + xp.asarray(step)[None, :], axis=1)
+                imm[k, :M] = xp.where(found, idx_c, M)
+                imm[k, M] = M
+        self.immediate = imm[:, :M]
+
+        # tap table by Caffe's walk (depth first, direction 0 outermost)
+        F = self.num_taps
+        nbr = xp.empty((M, F), dtype=np.int32)
+        col = [0]
+
+        def walk(k, cur, has_zero):
+            if k > d:
+                nbr[:, col[0]] = cur[:M]
+                col[0] += 1
+                return
+            end = s + 1 if (k < d or has_zero) else 1
+            for i in range(end):
+                walk(k + 1, cur, has_zero or i == 0)
+                if i + 1 < end:
+                    cur = imm[k][cur]
+
+        walk(0, xp.arange(M + 1, dtype=np.int64), False)
+        assert col[0] == F
+        self.nbr = nbr
+        self._inv = None
+        self._gauss_blur = None
+
+        sp = _sparse(xp)
+        self._sp = sp
+        self._P_in = self._point_matrix(self.vertex_in, self.weight_in)
+        self._S_in = self._P_in.T.tocsr()
+        if same:
+            self._P_out, self._S_out = self._P_in, self._S_in
+        else:
+            self._P_out = self._point_matrix(self.vertex_out, self.weight_out)
+            self._S_out = self._P_out.T.tocsr()
+
+    # ---------------------------------------------------------------- internals
+    def _point_matrix(self, vertex, weight):
+        """CSR (n_points, M): row k holds the d+1 barycentric weights of point k."""
+        xp = self.xp
+        n, dp1 = vertex.shape
+        indptr = xp.arange(0, n * dp1 + 1, dp1, dtype=np.int32)
+        return self._sp.csr_matrix((xp.ascontiguousarray(weight).ravel(),
+                                    xp.ascontiguousarray(vertex).ravel(), indptr),
+                                   shape=(n, self.num_vertices))
+
+    @property
+    def inv_nbr(self):
+        """(M, F) inverse tap table: inv[u, f] = v with nbr[v, f] = u (M = none)."""
+        if self._inv is None:
+            xp = self.xp
+            M, F = self.nbr.shape
+            inv = xp.full((M + 1, F), M, dtype=np.int32)
+            src = xp.ascontiguousarray(xp.broadcast_to(xp.arange(M, dtype=np.int32)[:, None], (M, F)))
+            inv[self.nbr, xp.arange(F)[None, :]] = src
+            self._inv = xp.ascontiguousarray(inv[:M])
+        return self._inv
+
+    def _vm(self, a, rows):
+        """Channel-first (C, rows) -> vertex/point-major contiguous (rows, C)."""
+        if a.ndim != 2 or a.shape[1] != rows:
+            raise ValueError('expected an array of shape (C, %d), got %s' % (rows, a.shape))
+        return self.xp.ascontiguousarray(a.T)
+
+    def _padded(self, latT):
+        """(M, C) -> (M+1, C) with a zero row for missing neighbours."""
+        xp = self.xp
+        out = xp.empty((latT.shape[0] + 1, latT.shape[1]), dtype=latT.dtype)
+        out[:-1] = latT
+        out[-1] = 0
+        return out
+
+    def _gather_matmul(self, table, latT, wmat):
+        """out[v] = concat_f latP[table[v, f]] @ wmat: (M, C) x (F*C, O) -> (M, O)."""
+        xp = self.xp
+        M, F = table.shape
+        C = latT.shape[1]
+        O = wmat.shape[1]
+        dtype = np.result_type(latT.dtype, wmat.dtype)
+        latP = self._padded(latT.astype(dtype, copy=False))
+        wmat = wmat.astype(dtype, copy=False)
+        out = xp.empty((M, O), dtype=dtype)
+        b = _chunk_rows(xp, F * C, np.dtype(dtype).itemsize)
+        if b >= M:
+            col = xp.take(latP, table, axis=0)
+            xp.matmul(col.reshape(M, F * C), wmat, out=out)
+            return out
+        buf = xp.empty((b, F, C), dtype=dtype)
+        for start in range(0, M, b):
+            end = min(M, start + b)
+            col = buf[:end - start]
+            xp.take(latP, table[start:end], axis=0, out=col)
+            xp.matmul(col.reshape(end - start, F * C), wmat, out=out[start:end])
+        return out
+
+    def _blurT(self, latT, taps, group=1):
+        """(M, C) -> (M, O) with taps (O, C/group, F)."""
+        xp = self.xp
+        O, Cg, F = taps.shape
+        if F != self.num_taps:
+            raise ValueError('taps have %d taps, the lattice needs %d' % (F, self.num_taps))
+        C = latT.shape[1]
+        if Cg * group != C:
+            raise ValueError('taps (%d input channels x %d groups) do not match %d channels'
+                             % (Cg, group, C))
+        if group == 1:
+            return self._gather_matmul(self.nbr, latT, taps.transpose(2, 1, 0).reshape(F * C, O))
+        Og = O // group
+        dtype = np.result_type(latT.dtype, taps.dtype)
+        out = xp.zeros((latT.shape[0], O), dtype=dtype)
+        for g in range(group):
+            if Og == 0:
+                break
+            w = taps[g * Og:(g + 1) * Og]
+            out[:, g * Og:(g + 1) * Og] = self._gather_matmul(
+                self.nbr, xp.ascontiguousarray(latT[:, g * Cg:(g + 1) * Cg]),
+                w.transpose(2, 1, 0).reshape(F * Cg, Og))
+        return out
+
+    def _blur_adjointT(self, gradT, taps, group=1):
+        """(M, O) -> (M, C): transpose of :meth:`_blurT`."""
+        xp = self.xp
+        O, Cg, F = taps.shape
+        inv = self.inv_nbr
+        if group == 1:
+            return self._gather_matmul(inv, gradT, taps.transpose(2, 0, 1).reshape(F * O, Cg))
+        Og = O // group
+        C = Cg * group
+        dtype = np.result_type(gradT.dtype, taps.dtype)
+        out = xp.zeros((gradT.shape[0], C), dtype=dtype)
+        for g in range(group):
+            if Og == 0:
+                break
+            w = taps[g * Og:(g + 1) * Og]
+            out[:, g * Cg:(g + 1) * Cg] = self._gather_matmul(
+                inv, xp.ascontiguousarray(gradT[:, g * Og:(g + 1) * Og]),
+                w.transpose(2, 0, 1).reshape(F * Og, Cg))
+        return out
+
+    def _taps_gradT(self, latT, gradT, group=1):
+        """dW[o, c, f] = Σ_v gradT[v, o] latT[nbr[v, f], c]; returns (O, C/group, F)."""
+        xp = self.xp
+        M, F = self.nbr.shape
+        C = latT.shape[1]
+        O = gradT.shape[1]
+        Cg, Og = C // group, O // group
+        dtype = np.result_type(latT.dtype, gradT.dtype)
+        latP = self._padded(latT.astype(dtype, copy=False))
+        gradT = gradT.astype(dtype, copy=False)
+        acc = xp.zeros((group, Og, F, Cg), dtype=dtype)
+        b = _chunk_rows(xp, F * C, np.dtype(dtype).itemsize)
+        buf = xp.empty((min(b, M), F, C), dtype=dtype)
+        for start in range(0, M, b):
+            end = min(M, start + b)
+            col = buf[:end - start]
+            xp.take(latP, self.nbr[start:end], axis=0, out=col)
+            for g in range(group):
+                if Og == 0:
+                    break
+                cg = col[:, :, g * Cg:(g + 1) * Cg].reshape(end - start, F * Cg)
+                gg = gradT[start:end, g * Og:(g + 1) * Og]
+                acc[g] += (gg.T @ cg).reshape(Og, F, Cg)
+        out = xp.zeros((O, Cg, F), dtype=dtype)
+        out[:group * Og] = acc.reshape(group * Og, F, Cg).transpose(0, 2, 1)
+        return out
+
+    def _splatT(self, xT, points='in'):
+        S = self._S_in if points == 'in' else self._S_out
+        return S @ xT
+
+    def _sliceT(self, latT, points='out'):
+        P = self._P_out if points == 'out' else self._P_in
+        return P @ latT
+
+    def gaussian_blur_matrix(self):
+        """Sparse (M, M) matrix of the Gaussian-tap blur (same walk, missing taps dropped)."""
+        if self._gauss_blur is None:
+            xp = self.xp
+            M, F = self.nbr.shape
+            g = gaussian_taps(self.d, self.neighborhood_size, xp, self.dtype)
+            valid = self.nbr < M
+            rows, taps = xp.nonzero(valid)               # row-major: rows sorted
+            cols = self.nbr[rows, taps]
+            indptr = xp.zeros(M + 1, dtype=np.int64)
+            indptr[1:] = xp.cumsum(valid.sum(axis=1))
+            self._gauss_blur = self._sp.csr_matrix(
+                (g[taps], cols.astype(np.int32), indptr.astype(np.int32)), shape=(M, M))
+        return self._gauss_blur
+
+    # ---------------------------------------------------------------- public API
+    def splat(self, values):
+        """(C, n_in) -> (C, M): barycentric splat of the input points."""
+        return self._splatT(self._vm(values, self.n_in)).T
+
+    def splat_adjoint(self, lat):
+        """(C, M) -> (C, n_in): barycentric interpolation at the input points."""
+        return self._sliceT(self._vm(lat, self.num_vertices), 'in').T
+
+    def blur(self, lat, taps, group=1):
+        """lat (C, M), taps (O, C/group, F) -> (O, M) with Caffe's neighbour walk
+        (missing neighbours contribute 0).  group > 1: output block g of O/group rows
+        reads input channels [g·C/group, (g+1)·C/group); rows past group·(O/group) are 0."""
+        return self._blurT(self._vm(lat, self.num_vertices), taps, group).T
+
+    def blur_adjoint(self, grad, taps, group=1):
+        """(O, M) -> (C, M): transpose of :meth:`blur` for fixed taps."""
+        return self._blur_adjointT(self._vm(grad, self.num_vertices), taps, group).T
+
+    def blur_taps_grad(self, lat, grad, group=1):
+        """lat (C, M), grad (O, M) -> (O, C/group, F) = d<grad, blur(lat, taps)>/d taps."""
+        return self._taps_gradT(self._vm(lat, self.num_vertices), self._vm(grad, self.num_vertices),
+                                group)
+
+    def slice(self, lat):
+        """(O, M) -> (O, n_out): barycentric interpolation at the output points."""
+        return self._sliceT(self._vm(lat, self.num_vertices), 'out').T
+
+    def slice_adjoint(self, grad):
+        """(O, n_out) -> (O, M): transpose of :meth:`slice`."""
+        return self._splatT(self._vm(grad, self.n_out), 'out').T
+
+
+def build_lattice(in_features, out_features=None, neighborhood_size=1, visualize=False):
+    """Lattice of ``in_features`` (d, n_in) and ``out_features`` (d, n_out) (None: the same
+    points, one lattice for both).  ``visualize``: all barycentric weights 1 (Caffe's
+    visualize_lattice)."""
+    return Lattice(in_features, out_features, neighborhood_size, visualize)
+
+
+# --------------------------------------------------------------------------------------
+# normalised filtering
+# --------------------------------------------------------------------------------------
+
+_NORM_TYPES = ('symmetric', 'after', 'none')
+
+
+class BilateralFilter:
+    """Permutohedral filtering with learnable taps and Caffe's normalisation.
+
+    norm_type 'symmetric' (default): ``out = nb ⊙ Slice(Blur_W(Splat(nt ⊙ x)))`` with
+    ``nt = 1/sqrt(Ŝ_in→in(1) + 1e-20)``, ``nb = 1/sqrt(Ŝ_out→out(1) + 1e-20)``;
+    'after': ``nt = 1``, ``nb = 1/(Ŝ_in→out(1) + 1e-20)``; 'none': no normalisation.
+    Ŝ uses the Gaussian taps of the lattice's (d, s).  Normalisers are (n_in,) / (n_out,)
+    arrays ``norm_there`` / ``norm_back`` (None when 1)."""
+
+    def __init__(self, lattice, norm_type='symmetric'):
+        norm_type = str(norm_type).lower()
+        if norm_type not in _NORM_TYPES:
+            raise ValueError('norm_type must be one of %s, got %r' % (_NORM_TYPES, norm_type))
+        self.lattice = lattice
+        self.norm_type = norm_type
+        self.norm_there = None
+        self.norm_back = None
+        xp = lattice.xp
+        lat = lattice
+        if norm_type == 'none':
+            return
+        gauss = lat.gaussian_blur_matrix()
+        dtype = lat.dtype
+
+        def s_hat(src, dst):
+            n_src = lat.n_in if src == 'in' else lat.n_out
+            ones = xp.ones((n_src, 1), dtype=dtype)
+            z = lat._splatT(ones, src)
+            y = gauss @ z
+            return lat._sliceT(y, dst)[:, 0].astype(np.float64)
+
+        if norm_type == 'symmetric':
+            self.norm_there = (1.0 / xp.sqrt(s_hat('in', 'in') + 1e-20)).astype(dtype)
+            if lat.same_points:
+                self.norm_back = self.norm_there
+            else:
+                self.norm_back = (1.0 / xp.sqrt(s_hat('out', 'out') + 1e-20)).astype(dtype)
+        else:
+            self.norm_back = (1.0 / (s_hat('in', 'out') + 1e-20)).astype(dtype)
+
+    # internal, vertex-major ------------------------------------------------------
+    def splat_input(self, values):
+        """(C, n_in) -> (M, C): the splat of the normalised input (vertex-major)."""
+        lat = self.lattice
+        xT = lat._vm(values, lat.n_in)
+        if self.norm_there is not None:
+            xT = xT * self.norm_there[:, None]
+        return lat._splatT(xT, 'in')
+
+    def apply(self, values, taps, group=1):
+        """values (C, n_in), taps (O, C/group, F) -> (O, n_out)."""
+        lat = self.lattice
+        yT = lat._sliceT(lat._blurT(self.splat_input(values), taps, group), 'out')
+        if self.norm_back is not None:
+            yT *= self.norm_back[:, None]
+        return yT.T
+
+    def _grad_lattice(self, grad):
+        lat = self.lattice
+        gT = lat._vm(grad, lat.n_out)
+        if self.norm_back is not None:
+            gT = gT * self.norm_back[:, None]
+        return lat._splatT(gT, 'out')
+
+    def adjoint(self, grad, taps, group=1):
+        """grad (O, n_out) -> (C, n_in) = (d apply / d values)^T grad."""
+        lat = self.lattice
+        xT = lat._sliceT(lat._blur_adjointT(self._grad_lattice(grad), taps, group), 'in')
+        if self.norm_there is not None:
+            xT *= self.norm_there[:, None]
+        return xT.T
+
+    def taps_grad(self, values, grad, group=1, splatted=None):
+        """Gradient of <grad, apply(values, taps)> w.r.t. taps: (O, C/group, F).
+        ``splatted`` may pass :meth:`splat_input` (values) computed earlier."""
+        latT = self.splat_input(values) if splatted is None else splatted
+        return self.lattice._taps_gradT(latT, self._grad_lattice(grad), group)
+
+    def gaussian(self, values):
+        """values (C, n_in) -> (C, n_out): the normalised filter with the Gaussian taps on
+        every channel separately (= apply with taps g·I, computed with a sparse matrix)."""
+        lat = self.lattice
+        yT = lat._sliceT(lat.gaussian_blur_matrix() @ self.splat_input(values), 'out')
+        if self.norm_back is not None:
+            yT *= self.norm_back[:, None]
+        return yT.T
