@@ -224,10 +224,9 @@ def _drop_v0_padding(net, source):
             copy.CopyFrom(entry)
             kept.append(copy)
         for j, bottom in enumerate(entry.bottom):
-            if bottom not in last_top:
-                raise CrfGradError('unknown bottom blob %r' % bottom, file=source,
-                                   layer=v0.name or None, field='bottom')
-            producer = last_top[bottom]
+            # (an unknown bottom is left for the net to report: weights files
+            # often lack the net inputs)
+            producer = last_top.get(bottom)
             if producer is None or producer.layer.type != 'padding':
                 continue
             if ltype not in ('conv', 'pool'):
