@@ -60,28 +60,47 @@ def blob_has_diff(blob):
     return len(blob.diff) > 0 or len(blob.double_diff) > 0
 
 
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _packed(field, values):
+    """Wire bytes of a packed repeated field (``values``: a little-endian array)."""
+    raw = values.tobytes()
+    return _varint(field << 3 | 2) + _varint(len(raw)) + raw
+
+
 def array_to_blob(arr, diff=None, double=False):
     """BlobProto with ``shape`` and ``data`` (``double_data`` when ``double``) from an array.
 
     ``diff`` (same shape) is stored too when given.  Arrays from CuPy are moved
-    to the host first.
+    to the host first.  The values are written as packed wire bytes and parsed
+    once (fast for large blobs; the result is an ordinary BlobProto).
     """
     arr = _host(arr)
-    blob = caffe_pb2.BlobProto()
-    blob.shape.dim.extend(int(d) for d in arr.shape)
-    if double:
-        blob.double_data.extend(np.asarray(arr, np.float64).ravel().tolist())
-    else:
-        blob.data.extend(np.asarray(arr, np.float32).ravel().tolist())
     if diff is not None:
         diff = _host(diff)
         if tuple(diff.shape) != tuple(arr.shape):
             raise CrfGradError('diff shape %s differs from data shape %s'
                                % (tuple(diff.shape), tuple(arr.shape)), field='diff')
-        if double:
-            blob.double_diff.extend(np.asarray(diff, np.float64).ravel().tolist())
-        else:
-            blob.diff.extend(np.asarray(diff, np.float32).ravel().tolist())
+    shape = caffe_pb2.BlobShape()
+    shape.dim.extend(int(d) for d in arr.shape)
+    shape_bytes = shape.SerializeToString()
+    parts = [_varint(7 << 3 | 2) + _varint(len(shape_bytes)) + shape_bytes]
+    dtype, data_field, diff_field = ('<f8', 8, 9) if double else ('<f4', 5, 6)
+    parts.append(_packed(data_field, np.ascontiguousarray(arr, dtype=dtype).ravel()))
+    if diff is not None:
+        parts.append(_packed(diff_field, np.ascontiguousarray(diff, dtype=dtype).ravel()))
+    blob = caffe_pb2.BlobProto()
+    blob.ParseFromString(b''.join(parts))
     return blob
 
 
