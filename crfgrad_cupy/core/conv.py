@@ -6,8 +6,8 @@ Layout: images (N, C, H, W); convolution weights (O, C/G, kh, kw) with G groups
 
     y[n, o, i, j] = Σ_{c ∈ grp(o), u, v} W[o, c - c0, u, v] · x[n, c, i·s_h - p_h + u·d_h, j·s_w - p_w + v·d_w]
 
-with zeros outside the image.  The work is one batched matrix product per call
-over an im2col matrix (N, G, C/G·kh·kw, Ho·Wo) that is a copy of a strided
+with zeros outside the image.  The work is one matrix product per group and call
+over an im2col matrix (G, C/G·kh·kw, N·Ho·Wo) that is a copy of a strided
 window view of the padded input (no Python loop over pixels; the adjoint
 "col2im" loops over the kh·kw taps only).
 
@@ -51,8 +51,9 @@ def _pad(xp, x, ph, pw):
 
 
 def im2col(x, ksize, stride=1, pad=0, dilation=1, out_size=None):
-    """(N, C, H, W) -> (N, C, kh, kw, Ho, Wo) contiguous copy of the (padded) windows:
-    ``cols[n, c, u, v, i, j] = x[n, c, i·s_h - p_h + u·d_h, j·s_w - p_w + v·d_w]`` (0 outside).
+    """(N, C, H, W) -> (C, kh, kw, N, Ho, Wo) contiguous copy of the (padded) windows:
+    ``cols[c, u, v, n, i, j] = x[n, c, i·s_h - p_h + u·d_h, j·s_w - p_w + v·d_w]`` (0 outside).
+    Channel-major so that one matrix product per group covers the whole batch.
     ``out_size`` (Ho, Wo) may be given to use only part of the padded input."""
     xp = backend.get_array_module(x)
     kh, kw = _pair(ksize)
@@ -65,25 +66,25 @@ def im2col(x, ksize, stride=1, pad=0, dilation=1, out_size=None):
     else:
         ho, wo = out_size
     if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0 and (ho, wo) == (h, w):
-        return xp.ascontiguousarray(x).reshape(n, c, 1, 1, h, w)
+        return xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(c, 1, 1, n, h, w)
     xpad = _pad(xp, x, ph, pw)
     s0, s1, s2, s3 = xpad.strides
-    view = _as_strided(xp, xpad, (n, c, kh, kw, ho, wo),
-                       (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3))
+    view = _as_strided(xp, xpad, (c, kh, kw, n, ho, wo),
+                       (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3))
     return xp.ascontiguousarray(view)
 
 
 def col2im(cols, image_size, stride=1, pad=0, dilation=1):
-    """Adjoint of :func:`im2col`: (N, C, kh, kw, Ho, Wo) -> (N, C, H, W), summing the
+    """Adjoint of :func:`im2col`: (C, kh, kw, N, Ho, Wo) -> (N, C, H, W), summing the
     windows' contributions (entries that fall into the padding are dropped)."""
     xp = backend.get_array_module(cols)
-    n, c, kh, kw, ho, wo = cols.shape
+    c, kh, kw, n, ho, wo = cols.shape
     h, w = image_size
     sh, sw = _pair(stride)
     ph, pw = _pair(pad)
     dh, dw = _pair(dilation)
     if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0 and (ho, wo) == (h, w):
-        return cols.reshape(n, c, h, w).copy()
+        return xp.ascontiguousarray(cols.reshape(c, n, h, w).transpose(1, 0, 2, 3))
     # padded canvas large enough for every window (the ceil overhang is cut off below)
     hp = max(h + 2 * ph, (ho - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + 2 * pw, (wo - 1) * sw + (kw - 1) * dw + 1)
@@ -92,13 +93,30 @@ def col2im(cols, image_size, stride=1, pad=0, dilation=1):
         hs = u * dh
         for v in range(kw):
             ws = v * dw
-            out[:, :, hs:hs + (ho - 1) * sh + 1:sh, ws:ws + (wo - 1) * sw + 1:sw] += cols[:, :, u, v]
+            out[:, :, hs:hs + (ho - 1) * sh + 1:sh, ws:ws + (wo - 1) * sw + 1:sw] += \
+                cols[:, u, v].transpose(1, 0, 2, 3)
     return out[:, :, ph:ph + h, pw:pw + w]
 
 
 def _group_weights(w, group):
     o, cg, kh, kw = w.shape
     return w.reshape(group, o // group, cg * kh * kw)
+
+
+def _to_batch_major(y, n, o, ho, wo):
+    """(G, O/G, N·P) -> (N, O, Ho, Wo)."""
+    xp = backend.get_array_module(y)
+    y = y.reshape(o, n, ho, wo)
+    return y.reshape(n, o, ho, wo) if n == 1 else xp.ascontiguousarray(y.transpose(1, 0, 2, 3))
+
+
+def _to_channel_major(dy, group):
+    """(N, O, Ho, Wo) -> (G, O/G, N·P)."""
+    xp = backend.get_array_module(dy)
+    n, o, ho, wo = dy.shape
+    if n > 1:
+        dy = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3))
+    return dy.reshape(group, o // group, n * ho * wo)
 
 
 def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, group=1):
@@ -111,9 +129,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, group=1):
         raise ValueError('conv2d: x has %d channels, weights %s, group %d' % (c, w.shape, group))
     cols = im2col(x, (kh, kw), stride, pad, dilation)
     ho, wo = cols.shape[4], cols.shape[5]
-    cols = cols.reshape(n, group, cg * kh * kw, ho * wo)
-    y = xp.matmul(_group_weights(w, group), cols)            # (N, G, O/G, P)
-    y = y.reshape(n, o, ho, wo)
+    cols = cols.reshape(group, cg * kh * kw, n * ho * wo)
+    y = _to_batch_major(xp.matmul(_group_weights(w, group), cols), n, o, ho, wo)
     if b is not None:
         y += b.reshape(1, o, 1, 1)
     return y
@@ -124,10 +141,9 @@ def conv2d_backward_data(dy, w, x_shape, stride=1, pad=0, dilation=1, group=1):
     xp = backend.get_array_module(dy, w)
     n, o, ho, wo = dy.shape
     _, cg, kh, kw = w.shape
-    wg = _group_weights(w, group)                              # (G, O/G, CgK)
-    dyg = dy.reshape(n, group, o // group, ho * wo)
-    dcols = xp.matmul(wg.transpose(0, 2, 1), dyg)              # (N, G, CgK, P)
-    dcols = dcols.reshape(n, cg * group, kh, kw, ho, wo)
+    wg = _group_weights(w, group)                                        # (G, O/G, CgK)
+    dcols = xp.matmul(wg.transpose(0, 2, 1), _to_channel_major(dy, group))  # (G, CgK, N·P)
+    dcols = dcols.reshape(cg * group, kh, kw, n, ho, wo)
     return col2im(dcols, x_shape[2:], stride, pad, dilation)
 
 
@@ -137,15 +153,8 @@ def conv2d_backward_weight(dy, x, w_shape, stride=1, pad=0, dilation=1, group=1)
     n, o, ho, wo = dy.shape
     _, cg, kh, kw = w_shape
     cols = im2col(x, (kh, kw), stride, pad, dilation, out_size=(ho, wo))
-    cols = cols.reshape(n, group, cg * kh * kw, ho * wo)
-    dyg = dy.reshape(n, group, o // group, ho * wo)
-    if n == 1:
-        dw = xp.matmul(dyg[0], cols[0].transpose(0, 2, 1))      # (G, O/G, CgK)
-    else:
-        # one product per group over the (N·P) axis
-        a = dyg.transpose(1, 2, 0, 3).reshape(group, o // group, n * ho * wo)
-        bcols = cols.transpose(1, 0, 3, 2).reshape(group, n * ho * wo, cg * kh * kw)
-        dw = xp.matmul(a, bcols)
+    cols = cols.reshape(group, cg * kh * kw, n * ho * wo)
+    dw = xp.matmul(_to_channel_major(dy, group), cols.transpose(0, 2, 1))   # (G, O/G, CgK)
     return dw.reshape(w_shape)
 
 
