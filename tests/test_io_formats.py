@@ -145,7 +145,8 @@ def test_syntax_error_names_file_line_field(tmp_path):
 
 def test_unknown_field_names_line_and_field(tmp_path):
     path = tmp_path / 'bad.prototxt'
-    path.write_text('layer {\n  name: "c"\n  type: "ReLU"\n  relu_param { negative_slop: 0.1 }\n}\n')
+    path.write_text('layer {\n  name: "c"\n  type: "ReLU"\n'
+                    '  relu_param { negative_slop: 0.1 }\n}\n')
     with pytest.raises(CrfGradError) as e:
         prototxt.load_net_param(str(path))
     assert e.value.line == 4 and e.value.field == 'negative_slop'

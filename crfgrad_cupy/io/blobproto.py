@@ -26,7 +26,7 @@ def blob_shape(blob):
     return tuple(int(d) for d in blob.shape.dim)
 
 
-def _values(blob, which, source, layer):
+def _values(blob, which):
     doubles = getattr(blob, 'double_' + which)
     floats = getattr(blob, which)
     if len(doubles):
@@ -42,7 +42,7 @@ def blob_to_array(blob, source=None, layer=None, dtype=np.float32, diff=False):
     ``source`` (file) and ``layer``.
     """
     shape = blob_shape(blob)
-    vals, field = _values(blob, 'diff' if diff else 'data', source, layer)
+    vals, field = _values(blob, 'diff' if diff else 'data')
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if any(d < 0 for d in shape):
         raise CrfGradError('negative blob dimension in shape %s' % (shape,), file=source,

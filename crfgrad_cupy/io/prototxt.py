@@ -62,7 +62,7 @@ def _field_of(error_text, text, line, column):
 
 
 def parse_text(text, message, source=None):
-    """Parse ``text`` into ``message`` (in place); CrfGradError with file:line and field on errors."""
+    """Parse ``text`` into ``message`` in place; errors name file:line and the field."""
     try:
         text_format.Merge(text, message, allow_unknown_extension=False)
     except text_format.ParseError as exc:

@@ -96,7 +96,6 @@ V0_TYPE_NAMES = {
 
 # V0 field -> {v0 type: (V1 sub-message, field in it, how)} where how is 'set',
 # 'add' (repeated target) or 'copy' (message).
-_FILLERS = {'conv': ('convolution_param', 'copy'), 'innerproduct': ('inner_product_param', 'copy')}
 V0_FIELD_MAP = {
     'num_output': {'conv': ('convolution_param', 'num_output', 'set'),
                    'innerproduct': ('inner_product_param', 'num_output', 'set')},
