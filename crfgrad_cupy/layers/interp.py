@@ -122,8 +122,9 @@ class InterpLayer(Layer):
         self.copy = (h_eff == h_out and w_eff == w_out)
         top[0].reshape((n, c, h_out, w_out))
 
-    def _matrices(self, dtype):
-        xp = self.xp
+    def _matrices(self, arr):
+        xp = backend.get_array_module(arr)
+        dtype = arr.dtype.type
         key = (self.in_shape4[2], self.in_shape4[3], self.h_eff, self.w_eff, self.h_out, self.w_out,
                self.off, np.dtype(dtype).str, xp.__name__)
         if key not in self._cache:
@@ -141,7 +142,7 @@ class InterpLayer(Layer):
         if self.copy:
             top[0].data[...] = x[self._crop()]
             return
-        a_h, a_w = self._matrices(x.dtype.type)
+        a_h, a_w = self._matrices(x)
         top[0].data[...] = interp_forward(x, a_h, a_w)
 
     def backward(self, top, propagate_down, bottom):
@@ -153,6 +154,6 @@ class InterpLayer(Layer):
             dx = xp.zeros(self.in_shape4, dy.dtype)
             dx[self._crop()] = dy
         else:
-            a_h, a_w = self._matrices(dy.dtype.type)
+            a_h, a_w = self._matrices(dy)
             dx = interp_backward(dy, a_h, a_w)
         bottom[0].diff[...] = dx.reshape(bottom[0].shape)
