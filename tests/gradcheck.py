@@ -46,7 +46,8 @@ def _pick(spec, i):
 
 
 def _initial_array(entry, init, rng):
-    if not isinstance(entry, (tuple, list)) or (len(entry) and not np.isscalar(entry[0])):
+    is_shape = isinstance(entry, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in entry)
+    if not is_shape:
         return np.array(backend.to_numpy(entry), dtype=np.float64)
     shape = tuple(int(s) for s in entry)
     if init is None:
@@ -62,8 +63,8 @@ def check_layer_gradients(layer_param, bottoms, phase=TEST, seed=0, eps=1e-6, rt
     """Compare a layer's analytic gradients with central finite differences in float64.
 
     layer_param: LayerParameter or its prototxt text (``type: "..." ...``).
-    bottoms: list, one entry per bottom: a shape tuple (filled by ``bottom_init``)
-        or an array (used as is).
+    bottoms: list, one entry per bottom: a shape (tuple/list of ints, () = scalar blob,
+        filled by ``bottom_init``) or an array (used as is, e.g. labels).
     bottom_init: None (N(0,1)), a callable ``f(rng, shape) -> array`` or a list of
         those / arrays per bottom (None entries = N(0,1)).
     param_init: 'normal' (replace every parameter blob by N(0,1) after setup),
