@@ -134,6 +134,11 @@ def _read_weights(path):
     return load_weights(path)
 
 
+def fit_blob(*args, **kwargs):
+    from .io.caffemodel import fit_blob as _fit
+    return _fit(*args, **kwargs)
+
+
 # --- the net ------------------------------------------------------------------------------
 
 class Net:
@@ -465,14 +470,8 @@ class Net:
                                    len(layer.blobs)), file=str(path), layer=name, field='blobs')
             for j, arr in enumerate(arrays):
                 target = layer.blobs[j]
-                arr = np.asarray(arr)
-                if tuple(arr.shape) != target.shape:
-                    legacy = arr.size == target.count and _legacy_shape_match(arr.shape, target.shape)
-                    if not legacy:
-                        raise CrfGradError('parameter %d has shape %s in the file but %s in the net'
-                                           % (j, tuple(arr.shape), target.shape), file=str(path),
-                                           layer=name, field='blobs')
-                    arr = arr.reshape(target.shape)
+                arr = fit_blob(np.asarray(arr), target.shape, (name, j) in getattr(weights, 'legacy', ()),
+                               source=str(path), layer=name, index=j)
                 target.data[...] = backend.xp().asarray(arr, dtype=target.dtype)
         if unmatched:
             log.info('%s: layers with weights that match no layer of the net: %s', path, ', '.join(unmatched))
@@ -524,12 +523,3 @@ class Net:
                     layer.blobs[j] = src.blobs[j]
         self.params = collections.OrderedDict(
             (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs)
-
-
-def _legacy_shape_match(file_shape, net_shape):
-    """Caffe accepts a legacy 4-D blob (num, channels, height, width) padded with leading 1s."""
-    fs = [int(s) for s in file_shape]
-    ns = [int(s) for s in net_shape]
-    if len(fs) == 4 and len(ns) <= 4:
-        return fs[4 - len(ns):] == ns and all(s == 1 for s in fs[:4 - len(ns)])
-    return False

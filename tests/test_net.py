@@ -184,7 +184,7 @@ def test_copy_from_shape_mismatch_names_layer_and_shapes(tmp_path):
     with pytest.raises(CrfGradError) as err:
         other.copy_from(path)
     msg = str(err.value)
-    assert 'ip1' in msg and '(4, 3)' in msg and '(4, 6)' in msg
+    assert 'ip1' in msg and '(4, 3)' in msg and '(4, 6)' in msg, msg
 
 
 def test_unknown_bottom_and_unknown_type_are_clear_errors():
