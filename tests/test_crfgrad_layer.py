@@ -4,6 +4,7 @@ import pytest
 from google.protobuf import text_format
 
 import oracle_util as ou
+from crfgrad_cupy import backend
 from crfgrad_cupy.blob import Blob
 from crfgrad_cupy.errors import CrfGradError
 from crfgrad_cupy.layers.base import create_layer, layer_class
@@ -46,13 +47,13 @@ def _run_case(name, quirks):
     got = {'output/crf': tops[0].data.copy()}
     if len(tops) > 1:
         got['output/energy'] = tops[1].data.copy()
-    tops[0].diff[...] = z['top_diff/crf']
+    tops[0].diff[...] = backend.xp().asarray(z['top_diff/crf'])
     bottoms[1].diff[...] = 7.0                        # must stay untouched
     layer.backward(tops, [True, False], bottoms)
     got['bottom_diff/prob'] = bottoms[0].diff.copy()
     for i in range(3):
         got['param_diff/crf/%d' % i] = layer.blobs[i].diff.copy()
-    assert np.all(bottoms[1].diff == 7.0)
+    assert np.all(backend.to_numpy(bottoms[1].diff) == 7.0)
     return got, z, lp
 
 
