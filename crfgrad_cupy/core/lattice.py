@@ -61,12 +61,6 @@ def _is_numpy(xp):
     return xp is np
 
 
-def _chunk_rows(xp, row_elems, itemsize):
-    """Rows per chunk so that one gathered chunk is a few MB (CPU) or ~256 MB (GPU)."""
-    budget = (4 << 20) if _is_numpy(xp) else (256 << 20)
-    return max(1, budget // max(1, row_elems * itemsize))
-
-
 def num_taps(d, neighborhood_size):
     """F = (s+1)^(d+1) - s^(d+1): number of filter taps (d=5, s=1 -> 63)."""
     d, s = int(d), int(neighborhood_size)
@@ -242,13 +236,23 @@ def _vertex_codes(rem0, rank, d, xp):
         for r in range(d + 1):
             kk[r] = rem0[:d] + r - (d + 1) * (rank[:d] > d - r)
         return kk
-    return codes, a, exact, keys
+    return codes, a, (total_bits if exact else None), keys
 
 
-def _unique_inverse(xp, codes):
-    """Sorted unique codes and, for every input code, its index in them."""
-    order = xp.argsort(codes)
-    sc = codes[order]
+def _unique_inverse(xp, codes, code_bits=None):
+    """Sorted unique codes and, for every input code, its index in them.
+
+    With non-negative codes of at most ``code_bits`` bits the positions are packed
+    into the low bits, so one plain sort replaces the (slower) argsort."""
+    n = int(codes.shape[0])
+    pos_bits = max(1, (n - 1).bit_length())
+    if code_bits is not None and code_bits + pos_bits <= 62:
+        packed = xp.sort((codes << np.int64(pos_bits)) | xp.arange(n, dtype=np.int64))
+        order = packed & np.int64((1 << pos_bits) - 1)
+        sc = packed >> np.int64(pos_bits)
+    else:
+        order = xp.argsort(codes)
+        sc = codes[order]
     if sc.size == 0:
         return sc, xp.zeros(0, dtype=np.int64), order, sc
     new = xp.empty(sc.shape, dtype=bool)
@@ -305,10 +309,11 @@ class Lattice:
         if visualize:
             bary = xp.ones_like(bary)
 
-        codes, mult, exact, keys_fn = _vertex_codes(rem0, rank, d, xp)
+        codes, mult, code_bits, keys_fn = _vertex_codes(rem0, rank, d, xp)
+        exact = code_bits is not None
         # point-major order (point k, vertex r) like Caffe's offset_ array
         codes_pm = codes.T.ravel()
-        uniq, inverse, order, new = _unique_inverse(xp, codes_pm)
+        uniq, inverse, order, new = _unique_inverse(xp, codes_pm, code_bits)
         M = int(uniq.shape[0])
         if not exact:
             keys_pm = keys_fn().transpose(2, 0, 1).reshape(n * (d + 1), d)
@@ -349,37 +354,46 @@ class Lattice:
                 imm[k, M] = M
         self.immediate = imm[:, :M]
 
-        # tap table by Caffe's walk (depth first, direction 0 outermost)
-        F = self.num_taps
-        nbr = xp.empty((M, F), dtype=np.int32)
-        col = [0]
+        # taps by Caffe's walk (depth first, direction 0 outermost).  For every tap
+        # f >= 1 keep the pairs (v, u = nbr_f(v)) whose walk stays on the lattice; a
+        # walk that leaves it never comes back, so the pairs are compacted as we go.
+        index_type = np.intp if _is_numpy(xp) else np.int32
+        imm_t = imm.astype(index_type, copy=False)
+        taps_v, taps_u = [], []
 
-        def walk(k, cur, has_zero):
+        def walk(k, start_idx, cur, has_zero):
             if k > d:
-                nbr[:, col[0]] = cur[:M]
-                col[0] += 1
+                taps_v.append(start_idx)
+                taps_u.append(cur)
                 return
             end = s + 1 if (k < d or has_zero) else 1
             for i in range(end):
-                walk(k + 1, cur, has_zero or i == 0)
+                walk(k + 1, start_idx, cur, has_zero or i == 0)
                 if i + 1 < end:
-                    cur = imm[k][cur]
+                    nxt = imm_t[k][cur]
+                    keep = xp.nonzero(nxt < M)[0]
+                    start_idx = start_idx[keep]
+                    cur = nxt[keep]
 
-        walk(0, xp.arange(M + 1, dtype=np.int64), False)
-        assert col[0] == F
-        self.nbr = nbr
+        ident = xp.arange(M, dtype=index_type)
+        walk(0, ident, ident, False)
+        assert len(taps_v) == self.num_taps
+        taps_v[0] = taps_u[0] = None         # tap 0 is the vertex itself
+        self.taps_v = taps_v
+        self.taps_u = taps_u
+        self._nbr = None
         self._inv = None
         self._gauss_blur = None
 
         sp = _sparse(xp)
         self._sp = sp
         self._P_in = self._point_matrix(self.vertex_in, self.weight_in)
-        self._S_in = self._P_in.T.tocsr()
+        self._S_in = self._transpose(self._P_in)
         if same:
             self._P_out, self._S_out = self._P_in, self._S_in
         else:
             self._P_out = self._point_matrix(self.vertex_out, self.weight_out)
-            self._S_out = self._P_out.T.tocsr()
+            self._S_out = self._transpose(self._P_out)
 
     # ---------------------------------------------------------------- internals
     def _point_matrix(self, vertex, weight):
@@ -391,16 +405,34 @@ class Lattice:
                                     xp.ascontiguousarray(vertex).ravel(), indptr),
                                    shape=(n, self.num_vertices))
 
+    def _transpose(self, P):
+        # scipy multiplies a CSC view directly; on the GPU convert to CSR once
+        return P.T if _is_numpy(self.xp) else P.T.tocsr()
+
+    @property
+    def nbr(self):
+        """(M, F) int32 tap table: nbr[v, f] = vertex read by tap f at v (M = missing)."""
+        if self._nbr is None:
+            xp = self.xp
+            M, F = self.num_vertices, self.num_taps
+            nbr = xp.full((M, F), M, dtype=np.int32)
+            nbr[:, 0] = xp.arange(M, dtype=np.int32)
+            for f in range(1, F):
+                nbr[self.taps_v[f], f] = self.taps_u[f].astype(np.int32)
+            self._nbr = nbr
+        return self._nbr
+
     @property
     def inv_nbr(self):
-        """(M, F) inverse tap table: inv[u, f] = v with nbr[v, f] = u (M = none)."""
+        """(M, F) int32 inverse tap table: inv[u, f] = v with nbr[v, f] = u (M = none)."""
         if self._inv is None:
             xp = self.xp
-            M, F = self.nbr.shape
-            inv = xp.full((M + 1, F), M, dtype=np.int32)
-            src = xp.ascontiguousarray(xp.broadcast_to(xp.arange(M, dtype=np.int32)[:, None], (M, F)))
-            inv[self.nbr, xp.arange(F)[None, :]] = src
-            self._inv = xp.ascontiguousarray(inv[:M])
+            M, F = self.num_vertices, self.num_taps
+            inv = xp.full((M, F), M, dtype=np.int32)
+            inv[:, 0] = xp.arange(M, dtype=np.int32)
+            for f in range(1, F):
+                inv[self.taps_u[f], f] = self.taps_v[f].astype(np.int32)
+            self._inv = inv
         return self._inv
 
     def _vm(self, a, rows):
@@ -409,106 +441,69 @@ class Lattice:
             raise ValueError('expected an array of shape (C, %d), got %s' % (rows, a.shape))
         return self.xp.ascontiguousarray(a.T)
 
-    def _padded(self, latT):
-        """(M, C) -> (M+1, C) with a zero row for missing neighbours."""
-        xp = self.xp
-        out = xp.empty((latT.shape[0] + 1, latT.shape[1]), dtype=latT.dtype)
-        out[:-1] = latT
-        out[-1] = 0
-        return out
-
-    def _gather_matmul(self, table, latT, wmat):
-        """out[v] = concat_f latP[table[v, f]] @ wmat: (M, C) x (F*C, O) -> (M, O)."""
-        xp = self.xp
-        M, F = table.shape
-        C = latT.shape[1]
-        O = wmat.shape[1]
-        dtype = np.result_type(latT.dtype, wmat.dtype)
-        latP = self._padded(latT.astype(dtype, copy=False))
-        wmat = wmat.astype(dtype, copy=False)
-        out = xp.empty((M, O), dtype=dtype)
-        b = _chunk_rows(xp, F * C, np.dtype(dtype).itemsize)
-        if b >= M:
-            col = xp.take(latP, table, axis=0)
-            xp.matmul(col.reshape(M, F * C), wmat, out=out)
-            return out
-        buf = xp.empty((b, F, C), dtype=dtype)
-        for start in range(0, M, b):
-            end = min(M, start + b)
-            col = buf[:end - start]
-            xp.take(latP, table[start:end], axis=0, out=col)
-            xp.matmul(col.reshape(end - start, F * C), wmat, out=out[start:end])
-        return out
-
-    def _blurT(self, latT, taps, group=1):
-        """(M, C) -> (M, O) with taps (O, C/group, F)."""
+    def _full_weights(self, taps, group, channels):
+        """taps (O, C/group, F) -> (F, C, O) per-tap matrices (zero outside the groups)."""
         xp = self.xp
         O, Cg, F = taps.shape
         if F != self.num_taps:
             raise ValueError('taps have %d taps, the lattice needs %d' % (F, self.num_taps))
-        C = latT.shape[1]
-        if Cg * group != C:
+        if Cg * group != channels:
             raise ValueError('taps (%d input channels x %d groups) do not match %d channels'
-                             % (Cg, group, C))
+                             % (Cg, group, channels))
         if group == 1:
-            return self._gather_matmul(self.nbr, latT, taps.transpose(2, 1, 0).reshape(F * C, O))
+            return xp.ascontiguousarray(taps.transpose(2, 1, 0))
         Og = O // group
-        dtype = np.result_type(latT.dtype, taps.dtype)
-        out = xp.zeros((latT.shape[0], O), dtype=dtype)
+        out = xp.zeros((F, channels, O), dtype=taps.dtype)
         for g in range(group):
-            if Og == 0:
-                break
-            w = taps[g * Og:(g + 1) * Og]
-            out[:, g * Og:(g + 1) * Og] = self._gather_matmul(
-                self.nbr, xp.ascontiguousarray(latT[:, g * Cg:(g + 1) * Cg]),
-                w.transpose(2, 1, 0).reshape(F * Cg, Og))
+            out[:, g * Cg:(g + 1) * Cg, g * Og:(g + 1) * Og] = \
+                taps[g * Og:(g + 1) * Og].transpose(2, 1, 0)
+        return out
+
+    def _blurT(self, latT, taps, group=1):
+        """(M, C) -> (M, O): Y[v] = Σ_f Z[nbr_f(v)] @ W_f with W_f = taps[:, :, f]^T."""
+        w = self._full_weights(taps, group, latT.shape[1])
+        dtype = np.result_type(latT.dtype, w.dtype)
+        latT = latT.astype(dtype, copy=False)
+        w = w.astype(dtype, copy=False)
+        out = latT @ w[0]
+        for f in range(1, self.num_taps):
+            v = self.taps_v[f]
+            if v.shape[0]:
+                out[v] += self.xp.take(latT, self.taps_u[f], axis=0) @ w[f]
         return out
 
     def _blur_adjointT(self, gradT, taps, group=1):
-        """(M, O) -> (M, C): transpose of :meth:`_blurT`."""
-        xp = self.xp
-        O, Cg, F = taps.shape
-        inv = self.inv_nbr
-        if group == 1:
-            return self._gather_matmul(inv, gradT, taps.transpose(2, 0, 1).reshape(F * O, Cg))
-        Og = O // group
-        C = Cg * group
-        dtype = np.result_type(gradT.dtype, taps.dtype)
-        out = xp.zeros((gradT.shape[0], C), dtype=dtype)
-        for g in range(group):
-            if Og == 0:
-                break
-            w = taps[g * Og:(g + 1) * Og]
-            out[:, g * Cg:(g + 1) * Cg] = self._gather_matmul(
-                inv, xp.ascontiguousarray(gradT[:, g * Og:(g + 1) * Og]),
-                w.transpose(2, 0, 1).reshape(F * Og, Cg))
+        """(M, O) -> (M, C): transpose of :meth:`_blurT` (each tap map is injective)."""
+        w = self._full_weights(taps, group, taps.shape[1] * group)
+        dtype = np.result_type(gradT.dtype, w.dtype)
+        gradT = gradT.astype(dtype, copy=False)
+        wt = self.xp.ascontiguousarray(w.astype(dtype, copy=False).transpose(0, 2, 1))
+        out = gradT @ wt[0]
+        for f in range(1, self.num_taps):
+            u = self.taps_u[f]
+            if u.shape[0]:
+                out[u] += self.xp.take(gradT, self.taps_v[f], axis=0) @ wt[f]
         return out
 
     def _taps_gradT(self, latT, gradT, group=1):
-        """dW[o, c, f] = Σ_v gradT[v, o] latT[nbr[v, f], c]; returns (O, C/group, F)."""
+        """dW[o, c, f] = Σ_v gradT[v, o] latT[nbr_f(v), c]; returns (O, C/group, F)."""
         xp = self.xp
-        M, F = self.nbr.shape
-        C = latT.shape[1]
-        O = gradT.shape[1]
-        Cg, Og = C // group, O // group
+        C, O, F = latT.shape[1], gradT.shape[1], self.num_taps
         dtype = np.result_type(latT.dtype, gradT.dtype)
-        latP = self._padded(latT.astype(dtype, copy=False))
+        latT = latT.astype(dtype, copy=False)
         gradT = gradT.astype(dtype, copy=False)
-        acc = xp.zeros((group, Og, F, Cg), dtype=dtype)
-        b = _chunk_rows(xp, F * C, np.dtype(dtype).itemsize)
-        buf = xp.empty((min(b, M), F, C), dtype=dtype)
-        for start in range(0, M, b):
-            end = min(M, start + b)
-            col = buf[:end - start]
-            xp.take(latP, self.nbr[start:end], axis=0, out=col)
-            for g in range(group):
-                if Og == 0:
-                    break
-                cg = col[:, :, g * Cg:(g + 1) * Cg].reshape(end - start, F * Cg)
-                gg = gradT[start:end, g * Og:(g + 1) * Og]
-                acc[g] += (gg.T @ cg).reshape(Og, F, Cg)
+        full = xp.zeros((F, C, O), dtype=dtype)
+        full[0] = latT.T @ gradT
+        for f in range(1, F):
+            v = self.taps_v[f]
+            if v.shape[0]:
+                xp.matmul(xp.take(latT, self.taps_u[f], axis=0).T, xp.take(gradT, v, axis=0), out=full[f])
+        if group == 1:
+            return xp.ascontiguousarray(full.transpose(2, 1, 0))
+        Cg, Og = C // group, O // group
         out = xp.zeros((O, Cg, F), dtype=dtype)
-        out[:group * Og] = acc.reshape(group * Og, F, Cg).transpose(0, 2, 1)
+        for g in range(group):
+            out[g * Og:(g + 1) * Og] = full[:, g * Cg:(g + 1) * Cg, g * Og:(g + 1) * Og].transpose(2, 1, 0)
         return out
 
     def _splatT(self, xT, points='in'):
@@ -520,19 +515,42 @@ class Lattice:
         return P @ latT
 
     def gaussian_blur_matrix(self):
-        """Sparse (M, M) matrix of the Gaussian-tap blur (same walk, missing taps dropped)."""
+        """Sparse CSR (M, M) of the blur with the Gaussian taps (built once, on first use)."""
         if self._gauss_blur is None:
             xp = self.xp
-            M, F = self.nbr.shape
+            M, F = self.num_vertices, self.num_taps
             g = gaussian_taps(self.d, self.neighborhood_size, xp, self.dtype)
-            valid = self.nbr < M
-            rows, taps = xp.nonzero(valid)               # row-major: rows sorted
-            cols = self.nbr[rows, taps]
-            indptr = xp.zeros(M + 1, dtype=np.int64)
-            indptr[1:] = xp.cumsum(valid.sum(axis=1))
-            self._gauss_blur = self._sp.csr_matrix(
-                (g[taps], cols.astype(np.int32), indptr.astype(np.int32)), shape=(M, M))
+            # counting sort of the (v, f, u) triples by row v, taps in order within a row
+            counts = xp.ones(M, dtype=np.intp)
+            for f in range(1, F):
+                counts[self.taps_v[f]] += 1
+            indptr = xp.zeros(M + 1, dtype=np.intp)
+            xp.cumsum(counts, out=indptr[1:])
+            nnz = int(indptr[-1])
+            fill = indptr[:-1].copy()
+            indices = xp.empty(nnz, dtype=np.int32)
+            data = xp.empty(nnz, dtype=self.dtype)
+            indices[fill] = xp.arange(M, dtype=np.int32)
+            data[fill] = g[0]
+            fill += 1
+            for f in range(1, F):
+                v = self.taps_v[f]
+                if v.shape[0]:
+                    pos = fill[v]
+                    indices[pos] = self.taps_u[f]
+                    data[pos] = g[f]
+                    fill[v] += 1
+            self._gauss_blur = self._sp.csr_matrix((data, indices, indptr.astype(np.int32)), shape=(M, M))
         return self._gauss_blur
+
+    def _blur_scalarT(self, latT, g):
+        """Blur every channel with the same taps g (F,): (M, C) -> (M, C)."""
+        out = latT * g[0]
+        for f in range(1, self.num_taps):
+            v = self.taps_v[f]
+            if v.shape[0]:
+                out[v] += self.xp.take(latT, self.taps_u[f], axis=0) * g[f]
+        return out
 
     # ---------------------------------------------------------------- public API
     def splat(self, values):
@@ -602,14 +620,14 @@ class BilateralFilter:
         lat = lattice
         if norm_type == 'none':
             return
-        gauss = lat.gaussian_blur_matrix()
         dtype = lat.dtype
+        gauss = gaussian_taps(lat.d, lat.neighborhood_size, np, dtype)
 
         def s_hat(src, dst):
             n_src = lat.n_in if src == 'in' else lat.n_out
             ones = xp.ones((n_src, 1), dtype=dtype)
             z = lat._splatT(ones, src)
-            y = gauss @ z
+            y = lat._blur_scalarT(z, gauss)
             return lat._sliceT(y, dst)[:, 0].astype(np.float64)
 
         if norm_type == 'symmetric':
