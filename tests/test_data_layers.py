@@ -1,5 +1,4 @@
 """HDF5Data, ImageData, ImageLabelData (and their transform_param), IOUAccuracy."""
-import os
 
 import numpy as np
 import pytest

@@ -279,11 +279,11 @@ def test_test_nets_share_weights_and_average_outputs(tmp_path):
         net.blobs['label'].data[...] = y
     s.step(2)                       # no test at iter 0 (test_initialization false)
     assert s.test_results[0] is None
-    s.step(1)                       # tests at iter 2 before the update
+    s.step(1)                       # iteration 2 tests first, then updates
     res = s.test_results[0]
-    w = s.net.params['ip'][0].data  # one more update happened after the test; recompute at iter-2 weights
     assert set(res) == {'accuracy', 'loss'}
-    # the test net reads the same Input blobs on every pass: the mean equals one pass, done by hand
+    # the same run stopped after 2 updates: its test net's forward is what the test at iter 2 saw
+    # (the Input blobs are the same on every test pass, so the mean over test_iter is one pass)
     s2 = cc.get_solver(path)
     for net in (s2.net, s2.test_nets[0]):
         net.blobs['data'].data[...] = x
@@ -292,7 +292,7 @@ def test_test_nets_share_weights_and_average_outputs(tmp_path):
     out = s2.test_nets[0].forward()
     assert res['accuracy'][0] == pytest.approx(float(out['accuracy']), rel=1e-6)
     assert res['loss'][0] == pytest.approx(float(out['loss']), rel=1e-6)
-    assert not np.array_equal(w, s2.net.params['ip'][0].data)
+    assert not np.array_equal(s.net.params['ip'][0].data, s2.net.params['ip'][0].data)
 
 
 def test_smoothed_loss_is_running_mean(tmp_path):

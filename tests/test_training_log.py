@@ -51,7 +51,8 @@ def test_parse_real_caffe_log():
     assert train['loss'][:2] == [47667.0, 27930.3] and train['output/loss'][1] == 5069.95
     assert all(v == 0.001 for v in train['lr'][:-1])            # the final line carries no lr
     assert test['iter'] == [0, 500, 1000, 1500, 2000, 2500, 3000]
-    assert test['output/accuracy'][0] == 0.457659 and test['output/accuracy'][-1] == pytest.approx(0.9313, abs=1e-4)
+    assert test['output/accuracy'][0] == 0.457659
+    assert test['output/accuracy'][-1] == pytest.approx(0.9313, abs=1e-4)
     assert all(b >= a for a, b in zip(train['seconds'], train['seconds'][1:]))
 
 
@@ -99,7 +100,8 @@ def test_our_log_parses_to_the_columns_of_a_caffe_log(tmp_path, monkeypatch):
     acc = ours['test']['output/accuracy']
     assert all(0 <= a <= 1 for a in acc)
     losses = ours['train']['output/loss'][:3]
-    assert np.allclose(ours['train']['loss'][:3], losses, rtol=1e-5)   # average_loss 1: the smoothed loss is the last one
+    # average_loss 1: the smoothed loss is the last one
+    assert np.allclose(ours["train"]["loss"][:3], losses, rtol=1e-5)
 
 
 def _real_or_excerpt(tmp_path):

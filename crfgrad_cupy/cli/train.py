@@ -6,8 +6,8 @@
 
 `train` writes Caffe-format log lines to stderr (and to --log), with a progress bar on
 a terminal; Ctrl-C finishes the iteration, writes a snapshot and exits with code 130.
-`test` runs N forward passes of the TEST-phase net and prints Caffe's per-batch and mean
-output lines.  `parse-log` turns a training log (ours or Caffe's) into
+`test` runs N forward passes of the TEST-phase net and prints Caffe's summary lines (the
+loss, then each output's mean) on stdout; the per-batch lines go to the log.  `parse-log` turns a training log (ours or Caffe's) into
 OUT_PREFIX.train.csv and OUT_PREFIX.test.csv.
 """
 import logging
@@ -38,6 +38,7 @@ def register(sub):
     t.add_argument('--stage', action='append', default=[], help='net state stage (repeatable)')
     _device_args(t)
     t.add_argument('--log', metavar='FILE', help='also append the log (Caffe format) to FILE')
+    t.add_argument('--verbose', action='store_true', help='log lines (each batch) on stderr too')
     t.set_defaults(func=run_test)
 
     g = sub.add_parser('parse-log', help='training log (ours or Caffe\'s) -> train and test CSV tables')
@@ -122,7 +123,7 @@ def run_test(args):
     from ..errors import CrfGradError
     if args.iterations < 1:
         raise CrfGradError('--iterations must be at least 1', field='--iterations')
-    handlers = _setup_logging(args)
+    handlers = _setup_logging(args, terminal=args.verbose)
     try:
         _choose_device(args)
         net = cc.Net(args.model, phase=cc.TEST, level=args.level, stages=args.stage or None)
