@@ -355,3 +355,30 @@ def test_iou_rejects_bad_labels_and_backward(tmp_path):
     layer = net.layer_dict['iou']
     with pytest.raises(CrfGradError, match='no gradient'):
         layer.backward([], [True, False], [])
+
+
+def test_resize_pad_hsv_against_opencv():
+    """Where OpenCV is installed: nearest and borders exact, linear/cubic/area and HSV within
+    one grey level (OpenCV rounds its fixed-point sums differently)."""
+    cv2 = pytest.importorskip('cv2')
+    r = np.random.default_rng(0)
+    for _ in range(30):
+        h, w = (int(v) for v in r.integers(3, 30, size=2))
+        oh, ow = (int(v) for v in r.integers(2, 45, size=2))
+        img = r.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(D.resize(img, oh, ow, D.NEAREST),
+                                      cv2.resize(img, (ow, oh), interpolation=cv2.INTER_NEAREST))
+        for name, flag in ((D.LINEAR, cv2.INTER_LINEAR), (D.CUBIC, cv2.INTER_CUBIC), (D.AREA, cv2.INTER_AREA)):
+            if name == D.AREA and (oh > h or ow > w):
+                continue
+            ref = cv2.resize(img, (ow, oh), interpolation=flag)
+            assert np.abs(D.resize(img, oh, ow, name).astype(int) - ref).max() <= 1
+        s = float(r.uniform(0.5, 1.5))
+        ref = cv2.resize(img, (0, 0), fx=s, fy=s, interpolation=cv2.INTER_NEAREST)
+        np.testing.assert_array_equal(D.resize(img, *ref.shape[:2], D.NEAREST, fy=s, fx=s), ref)
+        t, b, left, right = (int(v) for v in r.integers(0, 40, size=4))
+        np.testing.assert_array_equal(D.pad(img, t, b, left, right),
+                                      cv2.copyMakeBorder(img, t, b, left, right, cv2.BORDER_REFLECT_101))
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        assert np.abs(D.bgr_to_hsv(img).astype(int) - hsv).max() <= 1
+        assert np.abs(D.hsv_to_bgr(hsv).astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)).max() <= 1

@@ -170,8 +170,10 @@ def resize(img, out_h, out_w, method, fy=None, fx=None):
     h, w = img.shape[:2]
     if (h, w) == (out_h, out_w):
         return img.copy()
-    sy = 1.0 / fy if fy else h / float(out_h)
-    sx = 1.0 / fx if fx else w / float(out_w)
+    # OpenCV maps with 1/f, f = the given factor or out/in (computed in this order: the rounding
+    # of these doubles decides ties of the nearest-neighbour floor)
+    sy = 1.0 / (fy if fy else out_h / float(h))
+    sx = 1.0 / (fx if fx else out_w / float(w))
     if method == LINEAR and abs(sy - 2) < 1e-15 and abs(sx - 2) < 1e-15:
         method = AREA                      # OpenCV takes its area path for exact 2x shrinking
     if method == AREA and (sy < 1 or sx < 1):
