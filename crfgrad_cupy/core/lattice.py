@@ -57,6 +57,10 @@ def _sparse(xp):
     return sp
 
 
+# vertex codes up to this many bits are exact mixed-radix numbers, larger ones hashed
+_MAX_EXACT_BITS = 62
+
+
 def _is_numpy(xp):
     return xp is np
 
@@ -202,7 +206,7 @@ def _vertex_codes(rem0, rank, d, xp):
     base = [l - 2 * d - 2 for l in lo]
     width = [h - l + 4 * d + 5 for h, l in zip(hi, lo)]
     total_bits = sum(int(w).bit_length() for w in width)
-    exact = total_bits <= 62
+    exact = total_bits <= _MAX_EXACT_BITS
     if exact:
         mult, acc = [], 1
         for w in width:
@@ -287,8 +291,8 @@ class Lattice:
                                  % (in_features.shape[0], out_features.shape))
             out_features = out_features.astype(in_features.dtype, copy=False)
         s = int(neighborhood_size)
-        if s < 1:
-            raise ValueError('neighborhood_size must be >= 1, got %d' % s)
+        if s < 0:
+            raise ValueError('neighborhood_size must be >= 0, got %d' % s)
         d, n_in = in_features.shape
         if d < 1:
             raise ValueError('the features need at least one channel (d >= 1)')
