@@ -133,6 +133,7 @@ def caffe_to_dagnn(network, weights=None, phase=None, name=None):
     def new_var(caffe_name, fallback):
         nm = var_namer.new(caffe_name if caffe_name not in current and not any(
             v['name'] == caffe_name for v in vars_) else fallback)
+        var_namer.map[nm] = caffe_name          # the Caffe blob this variable's value is
         vars_.append(collections.OrderedDict([('name', nm), ('precious', False)]))
         current[caffe_name] = nm
         return nm
