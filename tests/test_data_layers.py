@@ -382,3 +382,29 @@ def test_resize_pad_hsv_against_opencv():
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
         assert np.abs(D.bgr_to_hsv(img).astype(int) - hsv).max() <= 1
         assert np.abs(D.hsv_to_bgr(hsv).astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)).max() <= 1
+
+
+@pytest.mark.skipif(not __import__('crfgrad_cupy').backend.cupy_available(), reason='needs CuPy and a CUDA device')
+def test_gpu_data_layers_and_iou(tmp_path, monkeypatch):
+    from crfgrad_cupy import backend
+    monkeypatch.chdir(tmp_path)
+    write_pair(tmp_path, 'a', 9, 9, 0)
+    write_lists(tmp_path, ['a'])
+    cpu = net_with(tmp_path, ild_layer(), cc.TEST)
+    cpu.forward()
+    backend.set_mode_gpu()
+    gpu = net_with(tmp_path, ild_layer(), cc.TEST)
+    gpu.forward()
+    assert type(gpu.blobs['data'].data).__module__.startswith('cupy')
+    np.testing.assert_array_equal(backend.to_numpy(gpu.blobs['data'].data), cpu.blobs['data'].data)
+    np.testing.assert_array_equal(backend.to_numpy(gpu.blobs['label'].data), cpu.blobs['label'].data)
+    s = np.random.default_rng(1).normal(size=(1, 3, 4, 5)).astype(np.float32)
+    lab = np.random.default_rng(2).integers(0, 3, size=(1, 1, 4, 5)).astype(np.float32)
+    outs = []
+    for mode in ('cpu', 'gpu'):
+        backend.set_mode_gpu() if mode == 'gpu' else backend.set_mode_cpu()
+        (tmp_path / mode).mkdir()
+        net = iou_net(tmp_path / mode, 'ignore_label: 255')
+        out = net.forward(score=s, label=lab)
+        outs.append((float(out['loss']), float(out['miou'])))
+    assert outs[1] == pytest.approx(outs[0], rel=1e-6)

@@ -68,9 +68,11 @@ def write_solver(tmp_path, body, net=NET, name='solver.prototxt'):
 
 
 def feed(solver, k):
+    from crfgrad_cupy import backend
     r = np.random.default_rng(100 + k)
-    solver.net.blobs['data'].data[...] = r.normal(size=(4, 5))
-    solver.net.blobs['label'].data[...] = r.integers(0, 3, size=4)
+    xp = backend.xp()
+    solver.net.blobs['data'].data[...] = xp.asarray(r.normal(size=(4, 5)))
+    solver.net.blobs['label'].data[...] = xp.asarray(r.integers(0, 3, size=4))
 
 
 def ref_rate(policy, it, sp):
@@ -506,3 +508,39 @@ def test_python_fed_training_lowers_the_loss(tmp_path):
     first = s.last_loss
     s.step(30)
     assert s.last_loss < 0.5 * first
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+def _gpu():
+    from crfgrad_cupy import backend
+    return backend.cupy_available()
+
+
+@pytest.mark.skipif(not _gpu(), reason='needs CuPy and a CUDA device')
+@pytest.mark.parametrize('kind,sp', [CASES[0], CASES[5], CASES[7]], ids=['SGD', 'Adam', 'Adam-iter_size-clip'])
+def test_gpu_training_matches_cpu(tmp_path, monkeypatch, kind, sp):
+    """The same run on NumPy and on CuPy (snapshot + restore on the GPU included)."""
+    from crfgrad_cupy import backend
+    monkeypatch.chdir(tmp_path)
+    full = dict(sp, type=kind, max_iter=6, random_seed=11, snapshot=3, snapshot_prefix='g')
+    path = write_solver(tmp_path, proto_text(full))
+    results = []
+    for mode in ('cpu', 'gpu'):
+        backend.set_mode_gpu() if mode == 'gpu' else backend.set_mode_cpu()
+        s = cc.get_solver(path)
+        for k in range(6):
+            feed(s, k)
+            s.step(1)
+        results.append([backend.to_numpy(p.data) for p in s.net.learnable_params])
+        if mode == 'gpu':
+            assert type(s.net.learnable_params[0].data).__module__.startswith('cupy')
+            r = cc.get_solver(path)
+            r.restore('g_iter_3.solverstate')
+            for k in range(3, 6):
+                feed(r, k)
+                r.step(1)
+            for a, b in zip(s.net.learnable_params, r.net.learnable_params):
+                np.testing.assert_array_equal(backend.to_numpy(a.data), backend.to_numpy(b.data))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
