@@ -408,3 +408,17 @@ def test_gpu_data_layers_and_iou(tmp_path, monkeypatch):
         out = net.forward(score=s, label=lab)
         outs.append((float(out['loss']), float(out['miou'])))
     assert outs[1] == pytest.approx(outs[0], rel=1e-6)
+
+
+def test_iou_without_tops_only_counts(tmp_path, caplog):
+    """As in the authors' net.prototxt (no top): the layer just accumulates and logs."""
+    net = iou_net(tmp_path, 'ignore_label: 255', tops='')
+    s = np.random.default_rng(0).normal(size=(1, 3, 4, 5)).astype(np.float32)
+    lab = np.zeros((1, 1, 4, 5), np.float32)
+    with caplog.at_level('INFO', logger='crfgrad_cupy'):
+        for _ in range(3):
+            net.forward(score=s, label=lab)
+    iou = net.layer_dict['iou'].last_mean_iou
+    pred0 = (s[0].argmax(0) == 0).sum()
+    assert iou == pytest.approx(100 * pred0 / 20 / 3, rel=1e-6)   # class 0: I = pred0, U = 20; others 0
+    assert any('IOU Accuracy' in r.getMessage() for r in caplog.records)
