@@ -544,3 +544,17 @@ def test_gpu_training_matches_cpu(tmp_path, monkeypatch, kind, sp):
                 np.testing.assert_array_equal(backend.to_numpy(a.data), backend.to_numpy(b.data))
     for a, b in zip(*results):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_inline_net_param_and_states(tmp_path):
+    """net_param inline; train_state/test_state stages select layers (Caffe's NetState merge)."""
+    net = TEST_NET.replace('include { phase: TEST }', 'include { stage: "val" }')
+    body = 'net_param { %s }\ntype: "SGD" base_lr: 0.1 lr_policy: "fixed" test_iter: 1 test_iter: 1 ' \
+           'test_interval: 5 test_state { stage: "val" } test_state { } train_state { stage: "val" }\n' % net
+    path = tmp_path / 's.prototxt'
+    path.write_text(body)
+    s = cc.get_solver(str(path))
+    assert 'acc' in s.net.layer_dict
+    assert len(s.test_nets) == 2
+    assert 'acc' in s.test_nets[0].layer_dict and 'acc' not in s.test_nets[1].layer_dict
+    assert s.test_nets[1].phase == cc.TEST and s.net.phase == cc.TRAIN
