@@ -231,7 +231,8 @@ class Net:
                 bnb.append(nb)
                 need_backward |= nb
                 available.pop(name, None)
-            for name in lp.top:
+            top_names = list(lp.top) + self._auto_top_names(layer, len(lp.top))
+            for name in top_names:
                 if name in lp.bottom:
                     tops.append(self.blobs[name])           # in place
                 else:
@@ -253,14 +254,14 @@ class Net:
                 lr = lp.param[j].lr_mult if j < len(lp.param) else 1.0
                 layer.param_propagate_down[j] = lr != 0
                 need_backward |= lr != 0
-            for name in lp.top:
+            for name in top_names:
                 blob_need_backward[name] = blob_need_backward.get(name, False) or need_backward \
                     if name in lp.bottom else need_backward
             self.layers.append(layer)
             self._layer_names.append(lp.name)
             self.layer_dict[lp.name] = layer
             self.bottom_names[lp.name] = list(lp.bottom)
-            self.top_names[lp.name] = list(lp.top)
+            self.top_names[lp.name] = top_names
             self._bottom_blobs.append(bottoms)
             self._top_blobs.append(tops)
             self._layer_need_backward.append(need_backward)
@@ -270,6 +271,20 @@ class Net:
         self._prune_backward(blob_need_backward)
         self.params = collections.OrderedDict(
             (name, layer.blobs) for name, layer in zip(self._layer_names, self.layers) if layer.blobs)
+
+    def _auto_top_names(self, layer, given):
+        """Caffe's AutoTopBlobs: anonymous tops for a layer given fewer than it needs."""
+        if not layer.auto_top_blobs:
+            return []
+        needed = max(layer.exact_num_top or 0, layer.min_top or 0, 1 if layer.is_loss else 0)
+        names = []
+        for _ in range(given, needed):
+            name, k = '(automatic)', 0
+            while name in self.blobs or name in names:
+                k += 1
+                name = '(automatic)_%d' % k
+            names.append(name)
+        return names
 
     def _share_and_register_params(self, lp, layer, src):
         specs = []
@@ -307,7 +322,7 @@ class Net:
         for i in range(len(self.layers) - 1, -1, -1):
             layer, lp = self.layers[i], self.net_param.layer[i]
             contributes, skip_down = False, True
-            for j, name in enumerate(lp.top):
+            for j, name in enumerate(self.top_names[lp.name]):
                 if layer.loss_weights[j] != 0 or name in under_loss:
                     contributes = True
                 if name not in skip:

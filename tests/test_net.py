@@ -216,3 +216,20 @@ def test_gpu_mode_without_cupy_is_a_clear_error():
     with pytest.raises(CrfGradError) as err:
         cc.set_mode_gpu()
     assert 'CuPy' in str(err.value) or 'CUDA' in str(err.value) or 'cupy' in str(err.value)
+
+
+@register('TestAutoSumLoss')
+class _AutoSumLoss(_SumLoss):
+    auto_top_blobs = True
+
+
+def test_auto_top_blobs_give_a_loss_layer_an_anonymous_output():
+    proto = '''
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+    layer { name: "loss" type: "TestAutoSumLoss" bottom: "data" }
+    '''
+    net = cc.Net(proto, cc.TEST)
+    assert net.outputs == ['(automatic)']
+    out = net.forward(data=np.ones((2, 3), np.float32))
+    assert float(out['(automatic)']) == 6.0
+    assert net.forward_loss() == 6.0
