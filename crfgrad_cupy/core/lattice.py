@@ -510,13 +510,20 @@ class Lattice:
             out[g * Og:(g + 1) * Og] = full[:, g * Cg:(g + 1) * Cg, g * Og:(g + 1) * Og].transpose(2, 1, 0)
         return out
 
+    @staticmethod
+    def _spmm(A, x):
+        """Sparse @ dense in the wider of the two dtypes (cupyx needs equal dtypes)."""
+        if x.dtype != A.dtype:
+            dt = np.result_type(x.dtype, A.dtype)
+            A = A if A.dtype == dt else A.astype(dt)
+            x = x.astype(dt, copy=False)
+        return A @ x
+
     def _splatT(self, xT, points='in'):
-        S = self._S_in if points == 'in' else self._S_out
-        return S @ xT
+        return self._spmm(self._S_in if points == 'in' else self._S_out, xT)
 
     def _sliceT(self, latT, points='out'):
-        P = self._P_out if points == 'out' else self._P_in
-        return P @ latT
+        return self._spmm(self._P_out if points == 'out' else self._P_in, latT)
 
     def gaussian_blur_matrix(self):
         """Sparse CSR (M, M) of the blur with the Gaussian taps (built once, on first use)."""
@@ -685,7 +692,7 @@ class BilateralFilter:
         """values (C, n_in) -> (C, n_out): the normalised filter with the Gaussian taps on
         every channel separately (= apply with taps g·I, computed with a sparse matrix)."""
         lat = self.lattice
-        yT = lat._sliceT(lat.gaussian_blur_matrix() @ self.splat_input(values), 'out')
+        yT = lat._sliceT(lat._spmm(lat.gaussian_blur_matrix(), self.splat_input(values)), 'out')
         if self.norm_back is not None:
             yT *= self.norm_back[:, None]
         return yT.T
