@@ -202,7 +202,8 @@ CUPY_SUPPORTED = {
 
 
 def xp_names_used():
-    """{name: [files]} for every ``xp.<name>`` (and ``xp.fft.<name>``) in crfgrad_cupy/core/*.py."""
+    """{name: [files]} for every ``xp.<name>`` (and ``xp.fft.<name>``, ``_fft(xp).<name>``) in
+    crfgrad_cupy/core/*.py."""
     names = {}
     for fn in sorted(glob.glob(os.path.join(CORE, '*.py'))):
         src = open(fn).read()
@@ -211,6 +212,8 @@ def xp_names_used():
             if name == '__name__':
                 continue
             names.setdefault(name, []).append(os.path.basename(fn))
+        for m in re.finditer(r'\b_fft\(xp\)\.([A-Za-z_]\w*)', src):        # spatial.py's FFT module
+            names.setdefault('fft.' + m.group(1), []).append(os.path.basename(fn))
     return names
 
 

@@ -119,7 +119,7 @@ def direct_weight_grad(q, g, k):
     out = xp.empty((o, c, k, k), dtype=q.dtype)
     for ky in range(k):
         win = _row_windows(xp, qpad, ky, k, h, w)                      # (N, C·k, HW)
-        prod = xp.matmul(gm, win.transpose(0, 2, 1)).sum(axis=0)       # (O, C·k)
+        prod = xp.tensordot(gm, win, axes=([0, 2], [0, 2]))            # (O, C·k), one GEMM
         out[:, :, ky, :] = prod.reshape(o, c, k)
     return out
 
@@ -135,35 +135,48 @@ def _fft_grid(h, w, k):
 
 
 def kernel_transform(weights, height, width):
-    """rfft2 of the bank placed for circular convolution on the padded grid: (O, C, Ph, Pw//2+1)."""
+    """rfft2 of the bank placed for circular convolution on the padded grid, frequency-major:
+    (Ph, Pw//2+1, O, C) (the layout of the per-frequency products)."""
     xp = backend.get_array_module(weights)
     k = _check_weights(weights)
     p = k // 2
     ph, pw = _fft_grid(height, width, k)
     o, c = weights.shape[:2]
     # out[y] = Σ_ky W[ky] q[y + ky - p] = Σ_j h[j] q[y - j] with h[j] = W[p - j]: tap ky at (p - ky) mod P
-    kern = xp.zeros((o, c, ph, pw), dtype=weights.dtype)
+    kern = xp.zeros((ph, pw, o, c), dtype=weights.dtype)
     iy = (p - xp.arange(k)) % ph
     ix = (p - xp.arange(k)) % pw
-    kern[:, :, iy[:, None], ix[None, :]] = weights
-    return xp.fft.rfft2(kern, axes=(2, 3))
+    kern[iy[:, None], ix[None, :]] = weights.transpose(2, 3, 0, 1)
+    return _fft(xp).rfft2(kern, axes=(0, 1))
+
+
+def _fft(xp):
+    """The FFT module: scipy.fft for NumPy arrays (several times faster than numpy.fft on float32),
+    else the array module's own (cupy.fft)."""
+    if xp.__name__ == 'numpy':
+        try:
+            import scipy.fft
+            return scipy.fft
+        except ImportError:  # pragma: no cover - scipy is a dependency
+            pass
+    return xp.fft
 
 
 def _rfft(xp, a, ph, pw):
-    return xp.fft.rfft2(a, s=(ph, pw), axes=(2, 3))
+    return _fft(xp).rfft2(a, s=(ph, pw), axes=(2, 3))
 
 
 def _irfft(xp, a, ph, pw, h, w, dtype):
-    return xp.ascontiguousarray(xp.fft.irfft2(a, s=(ph, pw), axes=(2, 3))[:, :, :h, :w]).astype(dtype, copy=False)
+    return xp.ascontiguousarray(_fft(xp).irfft2(a, s=(ph, pw), axes=(2, 3))[:, :, :h, :w]).astype(dtype, copy=False)
 
 
 def _freq_major(xp, khat, conj=False):
-    """Kernel transform rearranged once for per-frequency products: (F, O, C), or (F, C, O) conjugated."""
-    o, c, ph, pf = khat.shape
-    kf = khat.reshape(o, c, ph * pf).transpose(2, 0, 1)               # (F, O, C)
+    """Kernel transform (Ph, Pf, O, C) as (F, O, C), or conjugated and transposed (F, C, O)."""
+    ph, pf, o, c = khat.shape
+    kf = khat.reshape(ph * pf, o, c)
     if conj:
-        kf = xp.conj(kf).transpose(0, 2, 1)                            # (F, C, O)
-    return xp.ascontiguousarray(kf)
+        return xp.ascontiguousarray(xp.conj(kf).transpose(0, 2, 1))
+    return kf
 
 
 def _freq_mix(xp, kf, xhat):
@@ -174,18 +187,37 @@ def _freq_mix(xp, kf, xhat):
     return yf.transpose(2, 1, 0).reshape(n, kf.shape[1], ph, pf)
 
 
+def _partial_inverse_weights(xp, k, ph, pw, cdtype):
+    """Inverse-DFT rows for the lags l = -p..p only: A (k, Ph) along y (full spectrum) and
+    B (Pf, k) along x (half spectrum, irfft's weights: 1 for DC and Nyquist, 2 otherwise)."""
+    import numpy as np
+    p = k // 2
+    lags = np.arange(k) - p
+    fy = np.arange(ph)
+    A = np.exp(2j * np.pi * np.outer(lags, fy) / ph) / ph
+    pf = pw // 2 + 1
+    fx = np.arange(pf)
+    wx = np.full(pf, 2.0)
+    wx[0] = 1.0
+    if pw % 2 == 0:
+        wx[-1] = 1.0
+    B = (wx[:, None] * np.exp(2j * np.pi * np.outer(fx, lags) / pw)) / pw
+    return xp.asarray(A.astype(cdtype)), xp.asarray(B.astype(cdtype))
+
+
 def fft_weight_grad_from_hats(xp, qhat, ghat, k, ph, pw, dtype):
-    """dW from the transforms of q (N, C, ...) and g (N, O, ...): circular cross-correlation at lags |l| <= p."""
+    """dW from the transforms of q (N, C, ...) and g (N, O, ...): the circular cross-correlation
+    corr[o, c, l] = Σ_{n,y} g[n, o, y] q[n, c, y + l] at the k×k lags |l| <= p only, as two small
+    matrix products (a partial inverse DFT) instead of O·C full inverse transforms."""
     n, c, _, pf = qhat.shape
     o = ghat.shape[1]
-    p = k // 2
     gf = xp.conj(ghat).reshape(n, o, ph * pf).transpose(2, 1, 0)      # (F, O, N)
     qf = qhat.reshape(n, c, ph * pf).transpose(2, 0, 1)               # (F, N, C)
-    r = xp.matmul(gf, qf).transpose(1, 2, 0).reshape(o, c, ph, pf)   # Σ_n conj(ĝ) q̂
-    corr = xp.fft.irfft2(r, s=(ph, pw), axes=(2, 3))                  # corr[o,c,l] = Σ g[y] q[y+l]
-    iy = (xp.arange(k) - p) % ph
-    ix = (xp.arange(k) - p) % pw
-    return xp.ascontiguousarray(corr[:, :, iy[:, None], ix[None, :]]).astype(dtype, copy=False)
+    r = xp.matmul(gf, qf).reshape(ph, pf * o * c)                     # Σ_n conj(ĝ) q̂, (Ph, Pf·O·C)
+    A, B = _partial_inverse_weights(xp, k, ph, pw, r.dtype)
+    t = xp.matmul(A, r).reshape(k, pf, o * c)                          # inverse along y at k lags
+    corr = xp.matmul(B.T[None], t).real                                # (k, k, O·C): along x, real part
+    return xp.ascontiguousarray(corr.reshape(k, k, o, c).transpose(2, 3, 0, 1)).astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
