@@ -7,7 +7,8 @@ from google.protobuf import text_format
 
 from crfgrad_cupy import backend
 from crfgrad_cupy.blob import Blob
-from crfgrad_cupy.core.projection import project_simplex
+from crfgrad_cupy.core import pgd
+from crfgrad_cupy.core.projection import project_simplex, project_simplex_vjp
 from crfgrad_cupy.errors import CrfGradError
 from crfgrad_cupy.layers.base import create_layer, layer_class
 from crfgrad_cupy.proto import caffe_pb2
@@ -167,6 +168,17 @@ def test_unrolled_prototxt_equals_crfgrad(bilateral):
         net.forward()
         net.clear_param_diffs()
         net.backward(crf=R)
+        taps_plain = net.params['bilateral1'][0].diff.copy() if bilateral else None
+        # Permutohedral RESETS its filter diff in every backward (Caffe), so with shared taps the plain
+        # backward leaves only the last-run (= first) step's contribution; sum the steps layer by layer
+        names = net.layer_names
+        net.clear_param_diffs()
+        net.blobs['crf'].diff[...] = R
+        taps_sum = 0
+        for name in reversed(names):
+            net.backward(start=name, end=name)
+            if name.startswith('bilateral'):
+                taps_sum = taps_sum + net.params[name][0].diff
 
         lp = _lp('name: "crf" type: "CrfGrad" crfgrad_param { num_classes: %d num_iterations: %d kernel_size: %d '
                  'step_size: %g leak_factor: %g log_eps: %g }' % (L, T, k, step, leak, eps))
@@ -191,4 +203,11 @@ def test_unrolled_prototxt_equals_crfgrad(bilateral):
         close(net.params['unary'][0].diff, layer.blobs[0].diff, 'unary weight diff')
         close(net.params['spatial1'][0].diff, layer.blobs[1].diff, 'spatial diff')
         if bilateral:
-            close(net.params['bilateral1'][0].diff, layer.blobs[2].diff, 'taps diff')
+            close(taps_sum, layer.blobs[2].diff, 'taps diff (sum over the steps)')
+            c = layer._cache
+            delta = R
+            for t in range(T - 1, -1, -1):                 # γ_0 = dL/ds_0 by the backward recursion
+                gam0 = project_simplex_vjp(delta, c.pre[t], c.info[t], leak, axis=1)
+                delta = gam0 - step * sum(term.adjoint(gam0) for term in c.terms)
+            first_step = -step * c.terms[1].param_grad(pgd.state(c, 0), gam0).reshape(taps.shape)
+            close(taps_plain, first_step, 'taps diff of the plain backward (first step only)')
