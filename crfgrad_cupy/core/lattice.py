@@ -531,26 +531,25 @@ class Lattice:
             xp = self.xp
             M, F = self.num_vertices, self.num_taps
             g = gaussian_taps(self.d, self.neighborhood_size, xp, self.dtype)
-            # counting sort of the (v, f, u) triples by row v, taps in order within a row
-            counts = xp.ones(M, dtype=np.intp)
-            for f in range(1, F):
-                counts[self.taps_v[f]] += 1
-            indptr = xp.zeros(M + 1, dtype=np.intp)
-            xp.cumsum(counts, out=indptr[1:])
-            nnz = int(indptr[-1])
-            fill = indptr[:-1].copy()
-            indices = xp.empty(nnz, dtype=np.int32)
-            data = xp.empty(nnz, dtype=self.dtype)
-            indices[fill] = xp.arange(M, dtype=np.int32)
-            data[fill] = g[0]
-            fill += 1
-            for f in range(1, F):
-                v = self.taps_v[f]
-                if v.shape[0]:
-                    pos = fill[v]
-                    indices[pos] = self.taps_u[f]
-                    data[pos] = g[f]
-                    fill[v] += 1
+            # (v, f, u) triples in tap order, sorted by row v (stable: taps stay in order
+            # within a row) with one sort of (v, position) packed into int64
+            counts = [M] + [int(self.taps_v[f].shape[0]) for f in range(1, F)]
+            rows = xp.concatenate([xp.arange(M, dtype=np.int64)] +
+                                  [self.taps_v[f].astype(np.int64) for f in range(1, F)])
+            cols = xp.concatenate([xp.arange(M, dtype=np.int32)] +
+                                  [self.taps_u[f].astype(np.int32) for f in range(1, F)])
+            vals = xp.repeat(g, counts)
+            nnz = int(rows.shape[0])
+            pos_bits = max(1, (nnz - 1).bit_length())
+            if pos_bits + max(1, M.bit_length()) <= 62:
+                packed = xp.sort((rows << np.int64(pos_bits)) | xp.arange(nnz, dtype=np.int64))
+                order = packed & np.int64((1 << pos_bits) - 1)
+            else:
+                order = xp.argsort(rows, kind='stable')
+            indices = cols[order]
+            data = vals[order]
+            indptr = xp.zeros(M + 1, dtype=np.int64)
+            xp.cumsum(xp.bincount(rows, minlength=M), out=indptr[1:])
             self._gauss_blur = self._sp.csr_matrix((data, indices, indptr.astype(np.int32)), shape=(M, M))
         return self._gauss_blur
 
