@@ -187,3 +187,12 @@ def test_errors(param, fshape, err_field):
     with pytest.raises(CrfGradError) as e:
         make(param, x, np.zeros(fshape, np.float32))
     assert err_field in str(e.value) and 'perm' in str(e.value)
+
+
+def test_non_finite_features_are_an_error():
+    f = np.zeros((1, 2, 4, 4), np.float32)
+    f[0, 1, 2, 3] = np.nan
+    layer, bottom, top = make('num_output: 2 neighborhood_size: 1', np.zeros((1, 2, 4, 4), np.float32), f)
+    with pytest.raises(CrfGradError) as e:
+        layer.forward(bottom, top)
+    assert 'NaN' in str(e.value) and 'perm' in str(e.value)

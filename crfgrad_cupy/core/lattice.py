@@ -21,6 +21,9 @@ Construction (Adams et al. 2010, as Caffe computes it, float32 where Caffe uses 
   along direction 1, …, through EXISTING vertices only; a walk that leaves the
   lattice gives the missing vertex (index M, which holds 0).
 
+Vertex keys are exact integers (Caffe stores them as int16 and would wrap for
+lattice coordinates beyond ±32767, i.e. features of several thousand units).
+
 Operators (Z, Y: lattice values, one row per channel)::
 
     splat   Z[c, v] = Σ_{k: v ∈ simplex(k)} b_{k,v} x[c, k]          (input points)
@@ -29,10 +32,14 @@ Operators (Z, Y: lattice values, one row per channel)::
 
 Internally lattice values are stored vertex-major (M, C); the public methods take
 and return channel-first arrays (transposed views where possible).  Splat/slice
-are sparse matrices (scipy.sparse / cupyx.scipy.sparse) built once; blur is a
-chunked gather of the tap table followed by one matrix product per chunk; the
-blur adjoint is the same gather through the inverse tap table (every tap map
-``v -> nbr[v, f]`` is injective on existing vertices, so no scatter is needed).
+are sparse matrices (scipy.sparse / cupyx.scipy.sparse) built once.  For every tap
+f the lattice keeps the pairs (v, u = nbr_f(v)) whose walk stays on the lattice
+(about a fifth of the M·F table for natural images, d = 5); the blur is the tap-0
+product plus, per tap, a gather of the u rows, one small matrix product and an add
+into the v rows.  Every tap map v -> nbr_f(v) is injective (it adds a fixed
+offset), so the adjoint is the same loop with u and v swapped, and the tap
+gradient is one product per tap.  The Gaussian-tap blur is also available as one
+sparse (M, M) matrix (:meth:`Lattice.gaussian_blur_matrix`).
 """
 import functools
 import itertools
@@ -193,10 +200,11 @@ def _vertex_codes(rem0, rank, d, xp):
 
     Vertex r of a point has key_i = rem0_i + r - (d+1)[rank_i > d - r] (i < d).
     The code is linear in the key, ``Σ_i a_i (key_i - base_i)``: exact mixed radix
-    when the key box (widened for neighbour steps) fits in 62 bits, else a 64-bit
-    hash with random odd multipliers (collisions are detected by the caller).
-    Returns codes (d+1, n) int64, the multipliers a (d,) int64, whether the code is
-    exact, and a function computing the full keys (for hash verification)."""
+    when the key box (widened for neighbour steps) fits in _MAX_EXACT_BITS bits, else
+    a wrapping 64-bit hash with fixed random odd multipliers (the caller verifies it
+    against the full keys).  Returns codes (d+1, n) int64, the multipliers a (d,)
+    int64, the number of code bits (None for the hash) and a function computing the
+    full keys (d+1, d, n)."""
     n = rem0.shape[1]
     lo = xp.min(rem0[:d], axis=1) if n else xp.zeros(d, np.int64)
     hi = xp.max(rem0[:d], axis=1) if n else xp.zeros(d, np.int64)
@@ -215,7 +223,6 @@ def _vertex_codes(rem0, rank, d, xp):
     else:
         g = np.random.default_rng(0x5EED + d)
         mult = [int(m) | 1 for m in g.integers(1, 2 ** 62, size=d)]
-        mult = [m if m < 2 ** 63 else m - 2 ** 64 for m in mult]
     a = np.array(mult, dtype=np.int64)
     sum_a = int(np.sum(a, dtype=np.int64)) if d else 0
 
@@ -275,8 +282,10 @@ class Lattice:
     Attributes: d, n_in, n_out, num_vertices (M), neighborhood_size, num_taps (F),
     dtype, xp, same_points (True when input and output points are the same).
     Internals: ``vertex_in`` (n_in, d+1) vertex indices and ``weight_in`` (n_in, d+1)
-    barycentric weights (likewise ``*_out``), ``nbr`` (M, F) tap table (M = missing),
-    ``immediate`` (d+1, M) one-step neighbours, sparse splat/slice matrices."""
+    barycentric weights (likewise ``*_out``); ``taps_v[f]``, ``taps_u[f]`` (f >= 1): the
+    vertices v whose tap f exists and the vertex u = nbr_f(v) it reads (both increasing);
+    ``immediate`` (d+1, M) one-step neighbours v + v_k (M = missing); ``nbr`` / ``inv_nbr``
+    (M, F) tap tables made on demand; sparse splat/slice matrices."""
 
     def __init__(self, in_features, out_features=None, neighborhood_size=1, visualize=False):
         xp = backend.get_array_module(in_features)
@@ -296,6 +305,9 @@ class Lattice:
         d, n_in = in_features.shape
         if d < 1:
             raise ValueError('the features need at least one channel (d >= 1)')
+        if not bool(xp.all(xp.isfinite(in_features))) or \
+                (not same and not bool(xp.all(xp.isfinite(out_features)))):
+            raise ValueError('the features contain NaN or infinite values')
         n_out = n_in if same else out_features.shape[1]
         self.xp = xp
         self.d = int(d)

@@ -136,7 +136,10 @@ class PermutohedralLayer(Layer):
             for n in range(bottom[0].num):
                 a = fin.data[n].reshape(d, -1)
                 b = None if same else fout.data[n].reshape(d, -1)
-                lat = latmod.build_lattice(a, b, self.neighborhood_size, visualize=self.visualize)
+                try:
+                    lat = latmod.build_lattice(a, b, self.neighborhood_size, visualize=self.visualize)
+                except ValueError as exc:
+                    raise self.error('image %d: %s' % (n, exc), field='bottom')
                 ops.append(latmod.BilateralFilter(lat, self.norm_type))
             self._ops = ops
         if len(top) > 1:
