@@ -546,3 +546,30 @@ def test_conv_equivalence_over_asymmetric_pads_strides_dilations(tmp_path):
             out = net.forward(data=x)['c']
             ref = _mcn_conv(x, F, b, pad, stride, dil)
             assert_close(out, ref, rtol=1e-5, atol=1e-5, what='pad %s stride %s dilate %s' % (pad, stride, dil))
+
+
+def test_helper_layers_never_take_the_models_names(tmp_path):
+    """Layers named like the converter's helpers (and 'input') keep their names."""
+    r = np.random.default_rng(9)
+    layers = [
+        {'type': 'conv', 'name': 'input', 'weights': [r.standard_normal((3, 3, 2, 3)).astype(np.float32),
+                                                       np.zeros((1, 3), np.float32)], 'pad': 1.0},
+        {'type': 'pool', 'name': 'p', 'method': 'avg', 'pool': 3.0, 'stride': 2.0, 'pad': 1.0},
+        {'type': 'relu', 'name': 'p__crop'},
+        {'type': 'relu', 'name': 'p__size_ref'},
+    ]
+    path = str(tmp_path / 'names.mat')
+    save_mat(path, {'layers': layers}, version='5')
+    conv = matconvnet_to_caffe(path, input_shape=(1, 2, 9, 8))
+    names = [lp.name for lp in conv.net_param.layer]
+    assert len(set(names)) == len(names)
+    for want in ('input', 'p', 'p__crop', 'p__size_ref'):
+        assert want in names
+    by_name = {lp.name: lp for lp in conv.net_param.layer}
+    assert by_name['input'].type == 'Convolution' and by_name['p__crop'].type == 'ReLU'
+    net = _load_converted(conv, tmp_path)
+    x = r.standard_normal((1, 2, 9, 8)).astype(np.float32)
+    out = net.forward(data=x)[conv.outputs[-1]]
+    ref = np.maximum(_mcn_pool(_mcn_conv(x, layers[0]['weights'][0], layers[0]['weights'][1],
+                                         [1] * 4, [1, 1], [1, 1]), [3, 3], [1] * 4, [2, 2], 'avg'), 0)
+    assert_close(out, ref, rtol=1e-5, atol=1e-6, what='out')

@@ -413,13 +413,15 @@ class _Builder:
         self.net = caffe_pb2.NetParameter()
         self.weights = collections.OrderedDict()
         self.layer_names = set()
-        self.blob_names = set()
+        # names of the model's own layers and variables: helper layers/blobs avoid them
+        self.reserved_layers = {L.name for L in model.layers}
+        self.blob_names = set(model.var_names) | {v for L in model.layers for v in L.inputs + L.outputs}
         self.shapes = {}   # blob -> (C, H, W)
 
     # -- naming ----------------------------------------------------------------------------
-    def unique_layer(self, name):
+    def unique_layer(self, name, aux=False):
         out, k = name, 1
-        while out in self.layer_names:
+        while out in self.layer_names or (aux and out in self.reserved_layers):
             out = '%s_%d' % (name, k)
             k += 1
         self.layer_names.add(out)
@@ -433,9 +435,10 @@ class _Builder:
         self.blob_names.add(out)
         return out
 
-    def add(self, name, type, bottoms, tops, blobs=None):
+    def add(self, name, type, bottoms, tops, blobs=None, aux=False):
+        """Append a Caffe layer; helper layers (``aux``) avoid the model's own layer names."""
         lp = self.net.layer.add()
-        lp.name = self.unique_layer(name)
+        lp.name = self.unique_layer(name, aux=aux)
         lp.type = type
         lp.bottom.extend(bottoms)
         lp.top.extend(tops)
@@ -463,7 +466,7 @@ class _Builder:
             stride.append(s)
         ref = self.aux_blob(L.name + '__size_ref')
         lp = self.add(L.name + '__size_ref', 'Convolution', [x], [ref],
-                      blobs=[np.zeros((1, C, kernel[0], kernel[1]), np.float32)])
+                      blobs=[np.zeros((1, C, kernel[0], kernel[1]), np.float32)], aux=True)
         cp = lp.convolution_param
         cp.num_output = 1
         cp.bias_term = False
@@ -474,7 +477,7 @@ class _Builder:
         return ref
 
     def crop(self, L, big, ref, offsets, out):
-        lp = self.add(L.name + '__crop', 'Crop', [big, ref], [out])
+        lp = self.add(L.name + '__crop', 'Crop', [big, ref], [out], aux=True)
         lp.crop_param.axis = 2
         lp.crop_param.offset.extend(int(o) for o in offsets)
 
@@ -588,7 +591,7 @@ class _Builder:
         Ph, Pw = axes[0][0], axes[1][0]
 
         def pooling(name, bottom, top, pool):
-            lp = self.add(name, 'Pooling', [bottom], [top])
+            lp = self.add(name, 'Pooling', [bottom], [top], aux=name != L.name)
             pp = lp.pooling_param
             pp.pool = pool
             pp.kernel_h, pp.kernel_w = ph, pw
@@ -603,18 +606,18 @@ class _Builder:
         else:
             # MatConvNet divides by the in-image pixel count: avg(x) / avg(ones)
             ones = self.aux_blob(L.name + '__ones')
-            lp = self.add(L.name + '__ones', 'Power', [x], [ones])
+            lp = self.add(L.name + '__ones', 'Power', [x], [ones], aux=True)
             lp.power_param.power = 1
             lp.power_param.scale = 0
             lp.power_param.shift = 1
             frac = self.aux_blob(L.name + '__inside_fraction')
             pooling(L.name + '__inside_fraction', ones, frac, caffe_pb2.PoolingParameter.AVE)
             inv = self.aux_blob(L.name + '__inv_fraction')
-            lp = self.add(L.name + '__inv_fraction', 'Power', [frac], [inv])
+            lp = self.add(L.name + '__inv_fraction', 'Power', [frac], [inv], aux=True)
             lp.power_param.power = -1
             summed = self.aux_blob(L.name + '__caffe_avg')
             pooling(L.name, x, summed, caffe_pb2.PoolingParameter.AVE)
-            lp = self.add(L.name + '__rescale', 'Eltwise', [summed, inv], [pool_top])
+            lp = self.add(L.name + '__rescale', 'Eltwise', [summed, inv], [pool_top], aux=True)
             lp.eltwise_param.operation = caffe_pb2.EltwiseParameter.PROD
         Ho = (H + T + B - ph) // sy + 1
         Wo = (W + Lp + R - pw) // sx + 1
@@ -649,7 +652,7 @@ class _Builder:
                       blobs=[mu, var, np.ones((1,))])
         lp.batch_norm_param.use_global_stats = True
         lp.batch_norm_param.eps = eps
-        lp = self.add(L.name + '__scale', 'Scale', [out], [out], blobs=[G.ravel(), Bb.ravel()])
+        lp = self.add(L.name + '__scale', 'Scale', [out], [out], blobs=[G.ravel(), Bb.ravel()], aux=True)
         lp.scale_param.bias_term = True
         return self.shapes[x]
 
@@ -930,7 +933,7 @@ def matconvnet_to_caffe(model, input_shape=None, variable=None, name=None):
                 hw = (meta_sizes.get(v) or (meta_sizes.get(None) if v == inputs[0] else None))
                 h, w = (hw[0], hw[1]) if hw else (spatial, spatial)
                 shapes[v] = (1, channels[v], h, w)
-        lp = b.add('input', 'Input', [], list(inputs))
+        lp = b.add('input', 'Input', [], list(inputs), aux=True)
         for v in inputs:
             lp.input_param.shape.add().dim.extend(shapes[v])
             b.shapes[v] = tuple(shapes[v][1:])
