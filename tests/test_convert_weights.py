@@ -228,3 +228,12 @@ def test_load_mat_weights_rejects_other_mat_files(tmp_path):
     save_mat(path, {'x': np.ones((2, 2))}, version='5')
     with pytest.raises(CrfGradError, match='not a Caffe weights .mat'):
         load_mat_weights(path)
+
+
+@pytest.mark.parametrize('version', ['5', '7.3'])
+def test_invalid_matlab_names_are_refused(version, tmp_path):
+    with pytest.raises(CrfGradError, match='valid MATLAB variable'):
+        save_mat(str(tmp_path / 'a.mat'), {'1x': np.ones((1, 1))}, version=version)
+    with pytest.raises(CrfGradError, match='valid MATLAB struct field'):
+        save_mat(str(tmp_path / 'b.mat'), {'s': {'conv1/3x3': np.ones((1, 1))}}, version=version)
+    assert not any(p.name.endswith('.mat') for p in tmp_path.iterdir())   # nothing half-written

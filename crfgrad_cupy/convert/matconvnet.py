@@ -37,7 +37,6 @@ How MatConvNet semantics become Caffe layers (see reference/matlab-conventions.m
 Anything else (e.g. custom non-loss layers) is refused with a CrfGradError naming the layer.
 """
 import collections
-import math
 import os
 
 import numpy as np

@@ -271,9 +271,18 @@ def load_mat(path):
 
 # ----------------------------------------------------------------------------- writing v5
 
+def _check_fields(names):
+    for n in names:
+        if not is_valid_identifier(n):
+            raise CrfGradError('%r is not a valid MATLAB struct field name' % (n,), field=str(n))
+
+
 def _to_scipy(value):
     if isinstance(value, StructArray):
         fields = value.fields
+        _check_fields(fields)
+        if any(list(el.keys()) != fields for el in value):
+            raise CrfGradError('the elements of a struct array have different fields')
         arr = np.empty(value.shape, dtype=[(n, object) for n in fields])
         flat = arr.reshape(-1, order='F')
         for i, el in enumerate(value):
@@ -281,6 +290,7 @@ def _to_scipy(value):
                 flat[i][n] = _to_scipy(el[n])
         return arr
     if isinstance(value, dict):
+        _check_fields(value)
         return {k: _to_scipy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         cell = np.empty((1, len(value)), dtype=object)
@@ -369,6 +379,9 @@ class _H5Writer:
         h5py = self.h5py
         if isinstance(value, StructArray):
             fields = value.fields
+            _check_fields(fields)
+            if any(list(el.keys()) != fields for el in value):
+                raise CrfGradError('the elements of struct array %s have different fields' % name)
             if not len(value):
                 return self._empty(parent, name, 'struct', (0, 0))
             group = parent.create_group(name)
@@ -383,6 +396,7 @@ class _H5Writer:
                 group.create_dataset(n, data=refs.reshape(shape_h5), dtype=h5py.ref_dtype)
             return group
         if isinstance(value, dict):
+            _check_fields(value)
             if not value:
                 return self._empty(parent, name, 'struct', (1, 1))
             group = parent.create_group(name)

@@ -27,7 +27,6 @@ CrfGradError naming the layer.
 """
 import collections
 import logging
-import os
 
 import numpy as np
 
