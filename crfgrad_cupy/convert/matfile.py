@@ -126,7 +126,8 @@ def _from_scipy(value, source):
     if isinstance(value, (str, np.str_)):
         return str(value)
     if isinstance(value, (sm.MatlabFunction, sm.MatlabOpaque)):
-        raise CrfGradError('MATLAB objects and function handles cannot be read', file=source)
+        raise CrfGradError('MATLAB objects and function handles cannot be read (a dagnn.DagNN '
+                           'object? save net.saveobj() instead)', file=source)
     if hasattr(value, 'toarray'):  # sparse
         return np.asarray(value.toarray())
     return value
@@ -236,7 +237,8 @@ def _read_h5(f, obj, source, where):
     if cls == 'logical':
         return arr.astype(bool)
     if cls in ('function_handle',) or obj.attrs.get('MATLAB_object_decode') is not None:
-        raise CrfGradError('MATLAB objects and function handles cannot be read (%s)' % where,
+        raise CrfGradError('MATLAB objects and function handles cannot be read (%s; a dagnn.DagNN '
+                           'object? save net.saveobj() instead)' % where,
                            file=source)
     if cls in _DTYPE_OF_CLASS:
         return arr.astype(_DTYPE_OF_CLASS[cls], copy=False)
