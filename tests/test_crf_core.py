@@ -398,3 +398,33 @@ def test_colour_schedule_is_a_partition_without_interactions():
             else:
                 assert len(ys) == 1
         assert np.all(seen == 1)
+
+
+def test_rounding_schedules():
+    rng = np.random.default_rng(10)
+    N, L, H, W = 2, 3, 4, 5
+    P = L * H * W
+    q = rng.random((N, L, H, W))
+    q /= q.sum(1, keepdims=True)
+    u = rng.standard_normal((N, L, H, W))
+    K = rng.standard_normal((N, P, P))
+    Kv = K.reshape(N, L, H * W, L, H * W)
+    for i in range(H * W):
+        Kv[:, :, i, :, i] = 0
+    dense = pgd.DensePairwise(K, (L, H, W))
+    r = rounding.round_solution(q, u, [dense])                        # auto: the proof's schedule
+    assert r.schedule == 'sequential' and r.num_steps == H * W and r.guaranteed
+    r = rounding.round_solution(q, u, [dense], schedule='colour')     # parallel: no guarantee
+    assert r.schedule == 'colour' and r.num_steps == 4 and not r.guaranteed
+    # spatial + bilateral (self-interaction, unbounded): auto colours by the spatial radius
+    Ws = rng.standard_normal((L, L, 5, 5))
+    Ws[:, :, 2, 2] = 0
+    bil = pgd.BilateralTerm.from_features(rng.standard_normal((N, 5, H, W)), rng.standard_normal((L, L, 63)) * 0.1)
+    terms = [spatial.SpatialFilter(Ws, H, W), bil]
+    r = rounding.round_solution(q, u, terms)
+    assert r.schedule == 'colour' and r.num_steps == 9 and r.self_interaction and not r.guaranteed
+    np.testing.assert_allclose(r.energy_x, pgd.energy_eq6(r.x, u, terms))
+    r = rounding.round_solution(q, u, terms, schedule='sequential')
+    assert r.num_steps == H * W and not r.guaranteed
+    with pytest.raises(ValueError):
+        rounding.round_solution(q, u, terms, schedule='random')

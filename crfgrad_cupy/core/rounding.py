@@ -19,6 +19,14 @@ pixels are fixed one at a time: H·W steps, i.e. O(H·W·cost(K)) — use it on 
 When the condition fails (self-interaction, or q infeasible) the same procedure still runs
 (it is then a greedy coordinate-wise rounding) but the guarantee does not hold; the result
 reports this with ``guaranteed = False`` and the reason.
+
+``schedule``: 'sequential' = the proof's schedule above; 'colour' = colour by the largest FINITE
+radius only (at least 1) and update each class at once even where an unbounded term couples its
+pixels (a parallel greedy step: (r+1)² steps, no guarantee when such a term is present);
+'auto' (default) = 'sequential' unless it would need pixel-by-pixel steps that cannot buy the
+guarantee anyway (some term has self-interaction, e.g. the bilateral term), then 'colour'.
+So CrfGrad's spatial + bilateral energy is rounded in (k//2 + 1)² steps, spatial-only energies
+with zero centre taps by the proof.
 """
 from collections import namedtuple
 
@@ -26,10 +34,11 @@ from .. import backend
 from .pgd import energy_eq6, energy_gradient
 
 RoundingResult = namedtuple('RoundingResult', ['labels', 'x', 'energy_q', 'energy_x', 'guaranteed',
-                                               'self_interaction', 'feasible', 'num_steps'])
+                                               'self_interaction', 'feasible', 'num_steps', 'schedule'])
 RoundingResult.__doc__ = """labels (N, H, W) int; x the one-hot labelling (N, L, H, W); energy_q / energy_x the
 eq. (6) energies per image (N,); guaranteed: E(x) <= E(q) is proven (no self-interaction and q feasible);
-self_interaction / feasible: the two conditions; num_steps: sequential steps taken."""
+self_interaction / feasible: the two conditions; num_steps: sequential steps taken; schedule: the one used
+('sequential' or 'colour')."""
 
 
 def is_feasible(q, tol=1e-6):
@@ -57,22 +66,33 @@ def colour_schedule(height, width, radius):
     return out
 
 
-def round_solution(q, u, terms, tol=1e-6):
+def round_solution(q, u, terms, tol=1e-6, schedule='auto'):
     """Round q (N, L, H, W) to a labelling with the schedule above.
 
-    ``u``: unary potentials ψ (N, L, H, W); ``terms``: pairwise operators (see :mod:`pgd`).
-    Returns a :class:`RoundingResult`.
+    ``u``: unary potentials ψ (N, L, H, W); ``terms``: pairwise operators (see :mod:`pgd`);
+    ``schedule``: 'auto' | 'sequential' | 'colour'.  Returns a :class:`RoundingResult`.
     """
+    if schedule not in ('auto', 'sequential', 'colour'):
+        raise ValueError("schedule must be 'auto', 'sequential' or 'colour', got %r" % (schedule,))
     xp = backend.get_array_module(q)
     n, L, h, w = q.shape
     self_int = any(t.has_self_interaction() for t in terms)
     feasible = is_feasible(q, tol)
     radii = [getattr(t, 'interaction_radius', None) for t in terms]
-    radius = None if any(r is None for r in radii) else max(radii + [0])
-    schedule = colour_schedule(h, w, radius)
+    finite = [r for r in radii if r is not None]
+    unbounded = len(finite) < len(radii)
+    if schedule == 'auto':
+        schedule = 'colour' if (unbounded and self_int) else 'sequential'
+    if schedule == 'sequential':
+        radius = None if unbounded else max(finite + [0])
+        exact_schedule = True
+    else:
+        radius = max(finite + [1])
+        exact_schedule = not unbounded
+    steps = colour_schedule(h, w, radius)
     labels_axis = xp.arange(L).reshape(1, L, 1)
     x = q.copy()
-    for ys, xs in schedule:
+    for ys, xs in steps:
         ys, xs = xp.asarray(ys), xp.asarray(xs)
         grad = energy_gradient(x, u, terms)[:, :, ys, xs]               # (N, L, m) conditional energies
         lab = xp.argmin(grad, axis=1)[:, None]                          # (N, 1, m)
@@ -80,4 +100,5 @@ def round_solution(q, u, terms, tol=1e-6):
     labels = xp.argmax(x, axis=1)
     e_q = energy_eq6(q, u, terms)
     e_x = energy_eq6(x, u, terms)
-    return RoundingResult(labels, x, e_q, e_x, (not self_int) and feasible, self_int, feasible, len(schedule))
+    guaranteed = (not self_int) and feasible and exact_schedule
+    return RoundingResult(labels, x, e_q, e_x, guaranteed, self_int, feasible, len(steps), schedule)
