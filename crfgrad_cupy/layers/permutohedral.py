@@ -156,7 +156,7 @@ class PermutohedralLayer(Layer):
         self._init_lattices(bottom, top)
         xp = self.xp
         data = bottom[0].data
-        N, C = data.shape[0], data.shape[1]
+        C = data.shape[1]
         O = self.num_output
         w_eff = None if self.skip_blur else self._effective_filter()
         out = xp.zeros(top[0].shape, dtype=top[0].dtype)
@@ -179,7 +179,7 @@ class PermutohedralLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         xp = self.xp
         grad = top[0].diff
-        N, O = grad.shape[0], grad.shape[1]
+        O = grad.shape[1]
         C = bottom[0].channels
         fblob = self.blobs[0]
         fgrad = xp.zeros(fblob.shape, dtype=fblob.dtype)
