@@ -307,9 +307,11 @@ class Segmenter:
                                         channels=shape[1] if len(shape) > 1 else 3)
         self.pre = preprocessor
         if output_blob is None:
-            if not net.outputs:
+            energy = set(getattr(net, 'energy_blobs', {}).values())
+            outputs = [o for o in net.outputs if o not in energy]
+            if not outputs:
                 raise CrfGradError('the net has no output blob', file=net.source)
-            output_blob = net.outputs[-1]
+            output_blob = outputs[-1]
         for name in (output_blob,) + tuple(extra_blobs):
             if name not in net.blobs:
                 raise CrfGradError('no blob named %r (blobs: %s)' % (name, ', '.join(net.blobs)),

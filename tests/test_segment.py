@@ -29,8 +29,9 @@ layer { name: "softmax_post" type: "Softmax" bottom: "sharp" top: "score_post" }
 '''
 
 
-def tiny_net_files(tmp_path, size=16):
-    """(prototxt, caffemodel) of TINY with weights that score R - B."""
+def tiny_net_files(tmp_path, size=16, mix=0.0):
+    """(prototxt, caffemodel) of TINY with weights that score R - B; ``mix`` > 0 makes score_post
+    prefer class 0 near the decision boundary (then its argmax differs from score_pre's)."""
     import crfgrad_cupy as cc
     proto = tmp_path / 'tiny.prototxt'
     proto.write_text(TINY % {'size': size})
@@ -40,7 +41,7 @@ def tiny_net_files(tmp_path, size=16):
     b = np.array([0.0, (122.675 - 104.008) * 0.05], np.float32)   # undo the mean difference
     net.params['score'][0].data[...] = w
     net.params['score'][1].data[...] = b
-    net.params['sharpen'][0].data[...] = np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1) * 4
+    net.params['sharpen'][0].data[...] = np.array([[4, mix], [0, 4]], np.float32).reshape(2, 2, 1, 1)
     weights = tmp_path / 'tiny.caffemodel'
     net.save(str(weights))
     return str(proto), str(weights)

@@ -41,7 +41,12 @@ import shutil
 import sys
 import time
 
-import numpy as np
+# One BLAS thread: on a machine whose cores other processes share, multi-threaded OpenBLAS
+# spin-waits and runs several times slower (set OPENBLAS_NUM_THREADS to override).
+for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ.setdefault(_var, '1')
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -356,6 +361,74 @@ def crossfit_unaries(train, size, iters, seed, work, log_file, folds=2):
     return probs, probs_m
 
 
+def crf_miou(net, samples, probs):
+    """Val mean IoU (full mask resolution) of a CRF-only net (crf_only_prototxt) on given unaries."""
+    conf = None
+    for s, p in zip(samples, probs):
+        net.blobs['prob'].data[...] = p[None]
+        net.blobs['data'].data[...] = s.data[None]
+        net.forward()
+        full = sg.to_image_resolution(net.blobs['score_post'].data[0], s.placement)
+        c = sg.confusion(cc.backend.to_numpy(full.argmax(axis=0)), s.mask, 2)
+        conf = c if conf is None else conf + c
+    return miou(conf)
+
+
+def e2e_train_prototxt(size, batch, crf=None, lr=(10, 10, 10)):
+    """The whole net (unary + CRF) for end-to-end training, SoftmaxWithLoss on score_post."""
+    return ('name: "horse_e2e_train"\n'
+            + _input([('data', (batch, 3, size, size)), ('label', (batch, 1, size, size))])
+            + unary_body()
+            + 'layer { name: "softmax_pre" type: "Softmax" bottom: "score" top: "score_pre" }\n'
+            + crf_layers(size, 'score_pre', crf, lr) + _loss('score_post'))
+
+
+def train_e2e(train, val, unary_params, size, iters, seed, work, log_file, crf=None, lr_mults=(10, 10, 10),
+              base_lr=1e-4, eval_every=40, init=None, tag='e2e'):
+    """Unary net + CRF trained together from ``unary_params`` (batch 1, augmented); the val mean
+    IoU of score_post picks the iterate (iteration 0 included).  ``init``: initial CRF blobs
+    (None: the layer's initialiser).  Returns (best params {layer: arrays}, best mIoU, history)."""
+    rng = np.random.default_rng(seed + 3)
+    solver = make_solver(work, tag, e2e_train_prototxt(size, 1, crf, lr_mults), base_lr, iters, seed, log_file)
+    net = solver.net
+    load_params(net, unary_params)
+    if init is not None:
+        for b, a in zip(net.params['crf'], init):
+            b.data[...] = a
+    aug = Augmenter(train, size, rng)
+
+    def feed():
+        d, l = aug.batch(1)
+        net.blobs['data'].data[...] = d
+        net.blobs['label'].data[...] = l
+    solver.add_callback(on_start=feed)
+    evaluator = cc.Net(deploy_prototxt(size, crf), cc.TEST)
+    evaluator.share_with(net)
+
+    def score():
+        confs = sg.score_items(evaluator, items(val), ['score_pre', 'score_post'])
+        return miou(confs['score_post']), miou(confs['score_pre'])
+    t0 = time.time()
+    m, mu = score()
+    best, best_miou, history = snapshot_params(net), m, [(0, m)]
+    log('%s: iter 0 val mIoU CRF %.2f (unary %.2f)' % (tag, m, mu))
+    done = 0
+    while done < iters:
+        n = min(eval_every, iters - done)
+        solver.step(n)
+        done += n
+        m, mu = score()
+        history.append((done, m))
+        w = net.params['crf']
+        log('%s: iter %d loss %.1f val mIoU CRF %.2f (unary %.2f)  w_u %.3f |spatial| %.3f |taps| %.3f (%.0f s)'
+            % (tag, done, solver.smoothed_loss, m, mu, float(w[0].data.ravel()[0]),
+               float(np.abs(w[1].data).max()), float(np.abs(w[2].data).max()), time.time() - t0))
+        if m > best_miou:
+            best, best_miou = snapshot_params(net), m
+    solver.close()
+    return best, best_miou, history
+
+
 def train_crf(train, probs, probs_m, val, val_probs, size, iters, seed, work, log_file, crf=None,
               lr_mults=(1, 1, 1), base_lr=1e-3, eval_every=50, init=None, tag='crf'):
     """Stage 2: CRF parameters on fixed unaries; returns (best CRF blobs, best val mIoU, history).
@@ -385,15 +458,7 @@ def train_crf(train, probs, probs_m, val, val_probs, size, iters, seed, work, lo
     evaluator.share_with(net)
 
     def score():
-        conf = None
-        for s, p in zip(val, val_probs):
-            evaluator.blobs['prob'].data[...] = p[None]
-            evaluator.blobs['data'].data[...] = s.data[None]
-            evaluator.forward()
-            full = sg.to_image_resolution(evaluator.blobs['score_post'].data[0], s.placement)
-            c = sg.confusion(cc.backend.to_numpy(full.argmax(axis=0)), s.mask, 2)
-            conf = c if conf is None else conf + c
-        return miou(conf)
+        return crf_miou(evaluator, val, val_probs)
     t0 = time.time()
     m = score()
     best, best_miou, history = [np.array(b.data) for b in net.params['crf']], m, [(0, m)]
@@ -501,7 +566,7 @@ def main(argv=None):
     ap.add_argument('--crf-iters', type=int, default=200)
     ap.add_argument('--crf-eval-every', type=int, default=40)
     ap.add_argument('--crf-lr', type=float, default=1e-3)
-    ap.add_argument('--samples', default='horse010,horse133', help='two val stems to bundle as samples')
+    ap.add_argument('--samples', default='horse010,horse047', help='two val stems to bundle as samples')
     ap.add_argument('--resume', action='store_true',
                     help='reuse the stage-1 weights / held-out unaries saved in --work by an earlier run')
     args = ap.parse_args(argv)
@@ -514,16 +579,21 @@ def main(argv=None):
     log('%d train / %d val images' % (len(train), len(val)))
 
     stage1 = os.path.join(args.work, 'stage1.npz')
+    reused = 0.0
     if args.resume and os.path.exists(stage1):
         unary, info = load_stage(stage1)
         unary_hist, unary_seconds = [tuple(h) for h in info['history']], info['seconds']
+        args.unary_iters = info.get('iters', args.unary_iters)
+        args.eval_every = info.get('eval_every', args.eval_every)
+        reused += unary_seconds
         log('stage 1 loaded from %s' % stage1)
     else:
         t = time.time()
         unary, _, unary_hist = train_unary(train, val, args.size, args.unary_iters, args.seed, args.work,
                                            log_file, eval_every=args.eval_every)
         unary_seconds = time.time() - t
-        save_stage(stage1, unary, {'history': unary_hist, 'seconds': unary_seconds})
+        save_stage(stage1, unary, {'history': unary_hist, 'seconds': unary_seconds, 'iters': args.unary_iters,
+                                   'eval_every': args.eval_every})
     best_iter, unary_miou = max(unary_hist, key=lambda h: h[1])
     log('stage 1: best val mIoU %.2f at iter %d (%.0f s)' % (unary_miou, best_iter, unary_seconds))
 
@@ -531,13 +601,17 @@ def main(argv=None):
     if args.resume and os.path.exists(crossfit):
         with np.load(crossfit) as z:
             probs, probs_m, crossfit_seconds = z['probs'], z['probs_m'], float(z['seconds'])
+            if 'folds' in z.files:
+                args.folds, args.fold_iters = int(z['folds']), int(z['fold_iters'])
+        reused += crossfit_seconds
         log('held-out unaries loaded from %s' % crossfit)
     else:
         t = time.time()
         probs, probs_m = crossfit_unaries(train, args.size, args.fold_iters, args.seed, args.work, log_file,
                                           args.folds)
         crossfit_seconds = time.time() - t
-        np.savez(crossfit, probs=probs, probs_m=probs_m, seconds=crossfit_seconds)
+        np.savez(crossfit, probs=probs, probs_m=probs_m, seconds=crossfit_seconds, folds=args.folds,
+                 fold_iters=args.fold_iters)
     val_probs = unary_probs(unary, val, args.size)
     t = time.time()
     crf, crf_miou, crf_hist = train_crf(train, probs, probs_m, val, val_probs, args.size, args.crf_iters,
@@ -549,7 +623,7 @@ def main(argv=None):
     write_bundle(args.out, args.size, unary, crf, val, samples)
     res = sg.evaluate_folder(os.path.join(args.out, 'deploy.prototxt'), os.path.join(args.out, 'horse.caffemodel'),
                              os.path.join(args.data, 'val'))
-    total = time.time() - t_start
+    total = time.time() - t_start + reused      # + the stages loaded with --resume
     summary = collections.OrderedDict(
         size=args.size, seed=args.seed, command='python3 tools/train_default_model.py ' + ' '.join(
             sys.argv[1:] if argv is None else argv),
