@@ -66,8 +66,9 @@ def split_keys(arrays):
 
 def assert_close(actual, expected, rtol=1e-4, atol=1e-5, what=''):
     """max|a-b| <= rtol*max|ref| + atol, as the oracle README suggests."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
+    from crfgrad_cupy.backend import to_numpy
+    actual = np.asarray(to_numpy(actual), dtype=np.float64)
+    expected = np.asarray(to_numpy(expected), dtype=np.float64)
     if actual.size == expected.size and actual.ndim <= 1 and expected.ndim <= 1:
         actual = actual.reshape(expected.shape)   # Caffe's scalar loss blobs are stored as (1,)
     assert actual.shape == expected.shape, '%s: shape %s != %s' % (what, actual.shape, expected.shape)

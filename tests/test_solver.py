@@ -23,13 +23,14 @@ def test_oracle_trajectory(name, shared_dir):
     c = oracle_util.case(name)
     solver = cc.get_solver(oracle_util.path(c['files']['solver_prototxt']))
     z = np.load(oracle_util.path(c['files']['npz']))
+    xp = cc.backend.xp()     # NumPy, or CuPy when tools/gpu_check.py runs this on the GPU
     for i in range(2):
-        solver.net.params['conv'][i].data[...] = z['param/conv/%d/iter0' % i]
+        solver.net.params['conv'][i].data[...] = xp.asarray(z['param/conv/%d/iter0' % i])
     steps = sum(1 for k in z.files if k.startswith('loss/'))
     assert steps == 5
     for k in range(steps):
-        solver.net.blobs['data'].data[...] = z['input/data/iter%d' % k]
-        solver.net.blobs['label'].data[...] = z['input/label/iter%d' % k]
+        solver.net.blobs['data'].data[...] = xp.asarray(z['input/data/iter%d' % k])
+        solver.net.blobs['label'].data[...] = xp.asarray(z['input/label/iter%d' % k])
         oracle_util.assert_close(solver.lr, z['lr/iter%d' % k], rtol=1e-6, atol=0, what='lr %d' % k)
         solver.step(1)
         assert solver.iter == k + 1

@@ -1,0 +1,327 @@
+"""One prepared GPU check, run on a CUDA machine in a single call (well under 10 minutes).
+
+    python3 tools/gpu_check.py --shared DIR [--out DIR] [--quick]
+
+1. the test subset that compares against ../shared/oracle, on CuPy (pytest with CRFGRAD_TEST_DEVICE=gpu);
+2. CuPy against NumPy on the bundled model and on random CrfGrad instances (forward and every diff);
+3. timings: the CrfGrad layer (N=1, L=21, k=9, T=5) at 512x1024 and 1024x2048, forward and
+   forward+backward, and the spatial term against torch.nn.functional.conv2d (cuDNN) on the same GPU.
+
+Writes a Markdown table to stdout and to OUT/gpu_results.md (+ gpu_results.json). Each part runs
+on its own: a failure is reported and the next part still runs.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, os.pardir))
+sys.path.insert(0, ROOT)
+
+RESULTS = {'parts': {}}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def part(name):
+    def deco(fn):
+        def run(*a, **kw):
+            t0 = time.time()
+            try:
+                out = fn(*a, **kw)
+                RESULTS['parts'][name] = {'ok': True, 'seconds': round(time.time() - t0, 1), 'result': out}
+            except Exception as exc:   # report and go on with the next part
+                traceback.print_exc()
+                RESULTS['parts'][name] = {'ok': False, 'seconds': round(time.time() - t0, 1),
+                                          'error': '%s: %s' % (type(exc).__name__, exc)}
+            log('== %s: %s (%.1f s)' % (name, 'ok' if RESULTS['parts'][name]['ok'] else 'FAILED',
+                                        time.time() - t0))
+        return run
+    return deco
+
+
+@part('oracle tests on CuPy')
+def oracle_tests(shared, timeout):
+    env = dict(os.environ, CRFGRAD_TEST_DEVICE='gpu', CRFGRAD_SHARED=shared, MPLBACKEND='Agg')
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-x',
+           'tests/test_oracle_all.py', 'tests/test_solver.py', '-k', 'oracle or gpu']
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    log('\n'.join(tail))
+    if proc.returncode != 0:
+        raise RuntimeError('pytest exit %d: %s' % (proc.returncode, tail[-1] if tail else ''))
+    return tail[-1]
+
+
+def _max_rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    ref = np.max(np.abs(b)) if b.size else 0.0
+    return float(np.max(np.abs(a - b)) / ref) if ref else float(np.max(np.abs(a - b)) if a.size else 0.0)
+
+
+def _run_net(make_net, inputs, top_diffs, mode):
+    import crfgrad_cupy as cc
+    from crfgrad_cupy import backend
+    (cc.set_mode_gpu if mode == 'gpu' else cc.set_mode_cpu)()
+    net = make_net()
+    out = net.forward(**inputs)
+    res = {'out/' + k: backend.to_numpy(v).copy() for k, v in out.items()}
+    for name, g in top_diffs.items():
+        net.blobs[name].diff[...] = backend.xp().asarray(g)
+    grads = net.backward()
+    res.update({'diff/' + k: backend.to_numpy(v).copy() for k, v in grads.items()})
+    for layer, blobs in net.params.items():
+        for i, b in enumerate(blobs):
+            res['param_diff/%s/%d' % (layer, i)] = backend.to_numpy(b.diff).copy()
+    cc.set_mode_cpu()
+    return res
+
+
+def _crfgrad_proto(L, H, W, k=9, T=5, N=1):
+    return '''
+force_backward: true
+layer { name: "prob" type: "Input" top: "prob" input_param { shape { dim: %d dim: %d dim: %d dim: %d } } }
+layer { name: "img" type: "Input" top: "img" input_param { shape { dim: %d dim: 3 dim: %d dim: %d } } }
+layer { name: "feat" type: "PixelFeature" bottom: "img" top: "feat"
+  pixel_feature_param { type: POSITION_AND_RGB pos_scale: 0.05 color_scale: 0.3 } }
+layer { name: "crf" type: "CrfGrad" bottom: "prob" bottom: "feat" top: "crf"
+  crfgrad_param { num_classes: %d kernel_size: %d num_iterations: %d use_cudnn: false } }
+''' % (N, L, H, W, N, H, W, L, k, T)
+
+
+def photo_like(rng, N, H, W):
+    """Piecewise-constant 3-channel image (mean-subtracted range) with noise sigma 8."""
+    img = np.zeros((N, 3, H, W), np.float32)
+    for n in range(N):
+        for _ in range(max(8, H * W // 6000)):
+            y, x = rng.integers(0, H), rng.integers(0, W)
+            img[n, :, y:y + H // 5, x:x + W // 4] = rng.uniform(-100, 100, (3, 1, 1))
+    img += rng.normal(0, 8, img.shape).astype(np.float32)
+    return img
+
+
+def random_crf_instance(seed, L, H, W, N=1, k=5, T=3):
+    rng = np.random.default_rng(seed)
+    p = rng.random((N, L, H, W)).astype(np.float32) + 0.05
+    p /= p.sum(1, keepdims=True)
+    img = photo_like(rng, N, H, W)
+    F = 63
+    params = [np.full((1, 1, 1, 1), 0.5, np.float32),
+              rng.normal(0, 0.05, (L, L, k, k)).astype(np.float32),
+              rng.normal(0, 0.05, (L, L, 1, F)).astype(np.float32)]
+    g = rng.normal(size=(N, L, H, W)).astype(np.float32)
+    return p, img, params, g
+
+
+@part('CuPy vs NumPy: random CrfGrad instances')
+def compare_random():
+    import crfgrad_cupy as cc
+    worst = {}
+    for seed, (L, H, W, N, k, T) in enumerate([(3, 24, 31, 2, 5, 3), (5, 40, 33, 1, 9, 5),
+                                               (21, 64, 48, 1, 9, 5)]):
+        p, img, params, g = random_crf_instance(seed, L, H, W, N, k, T)
+        proto = _crfgrad_proto(L, H, W, k, T, N)
+
+        def make():
+            net = cc.Net(proto, cc.TEST)
+            for i, a in enumerate(params):
+                net.params['crf'][i].data[...] = cc.backend.xp().asarray(a)
+            return net
+        ref = _run_net(make, {'prob': p, 'img': img}, {'crf': g}, 'cpu')
+        gpu = _run_net(make, {'prob': p, 'img': img}, {'crf': g}, 'gpu')
+        for key in ref:
+            err = _max_rel(gpu[key], ref[key])
+            worst[key] = max(worst.get(key, 0.0), err)
+        log('instance L=%d %dx%d N=%d k=%d T=%d: max rel err %.2e' % (
+            L, H, W, N, k, T, max(_max_rel(gpu[key], ref[key]) for key in ref)))
+    bad = {k: v for k, v in worst.items() if v > 1e-4}
+    if bad:
+        raise AssertionError('CuPy and NumPy differ by more than 1e-4: %s' % bad)
+    return {k: '%.1e' % v for k, v in worst.items()}
+
+
+@part('CuPy vs NumPy: bundled model')
+def compare_bundled(shared):
+    """The bundled model (or, where it is absent, the authors' Caffe-trained horse model)."""
+    import crfgrad_cupy as cc
+    from crfgrad_cupy import segment
+    try:
+        proto, weights = segment.default_model()
+    except cc.CrfGradError:
+        d = os.path.join(shared, 'data', 'caffe_models', 'crfgrad_horse_caffe')
+        proto, weights = os.path.join(d, 'deploy.prototxt'), os.path.join(d, 'stage2_iter_1200.caffemodel')
+    log('model:', proto)
+    results = {}
+    outs = {}
+    for mode in ('cpu', 'gpu'):
+        (cc.set_mode_gpu if mode == 'gpu' else cc.set_mode_cpu)()
+        net = cc.Net(proto, cc.TEST, weights=weights)
+        name = net.inputs[0]
+        shape = net.blobs[name].shape
+        x = photo_like(np.random.default_rng(1), shape[0], shape[2], shape[3])
+        net.forward(**{name: x})
+        outs[mode] = {b: cc.backend.to_numpy(net.blobs[b].data).copy()
+                      for b in ('score_pre', 'score_post') if b in net.blobs}
+        outs[mode].update({b: cc.backend.to_numpy(net.blobs[b].data).copy() for b in net.outputs})
+    cc.set_mode_cpu()
+    for key in outs['cpu']:
+        err = _max_rel(outs['gpu'][key], outs['cpu'][key])
+        results[key] = '%.1e' % err
+        if err > 1e-4:
+            raise AssertionError('%s: CuPy vs NumPy rel err %.2e' % (key, err))
+    if 'score_post' in outs['cpu']:
+        results['label agreement'] = float(
+            (outs['gpu']['score_post'].argmax(1) == outs['cpu']['score_post'].argmax(1)).mean())
+    return results
+
+
+def _time(fn, sync, repeats):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+@part('timings')
+def timings(quick):
+    import cupy as cp
+    import crfgrad_cupy as cc
+    from crfgrad_cupy.core.spatial import SpatialFilter
+    sync = cp.cuda.Device().synchronize
+    rows = []
+    sizes = [(512, 1024)] if quick else [(512, 1024), (1024, 2048)]
+    L, k, T = 21, 9, 5
+    for H, W in sizes:
+        rng = np.random.default_rng(0)
+        p = rng.random((1, L, H, W)).astype(np.float32) + 0.05
+        p /= p.sum(1, keepdims=True)
+        img = photo_like(rng, 1, H, W)
+        cc.set_mode_gpu()
+        net = cc.Net(_crfgrad_proto(L, H, W, k, T), cc.TEST)
+        net.params['crf'][1].data[...] = cp.asarray(rng.normal(0, 0.01, (L, L, k, k)).astype(np.float32))
+        net.blobs['prob'].data[...] = cp.asarray(p)
+        net.blobs['img'].data[...] = cp.asarray(img)
+        net.blobs['crf'].diff[...] = cp.asarray(rng.normal(size=(1, L, H, W)).astype(np.float32))
+        reps = 5 if H <= 512 else 3
+        fwd = _time(lambda: net.forward(), sync, reps)
+        fb = _time(lambda: (net.forward(), net.backward()), sync, reps)
+        rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d forward' % (H, W), 'ms': fwd * 1e3})
+        rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d fwd+bwd' % (H, W), 'ms': fb * 1e3})
+        # spatial term alone: ours (kernel transform once, T applies) vs T torch conv2d
+        q = cp.asarray(p)
+        w = cp.asarray(rng.normal(0, 0.01, (L, L, k, k)).astype(np.float32))
+
+        def ours():
+            sf = SpatialFilter(w, H, W)
+            for _ in range(T):
+                sf.apply(q)
+        t_ours = _time(ours, sync, reps)
+        rows.append({'what': 'spatial term, T=%d applies %dx%d (ours, %s)' % (T, H, W,
+                     SpatialFilter(w, H, W).method), 'ms': t_ours * 1e3})
+        try:
+            import torch
+            tq = torch.as_tensor(q, device='cuda')
+            tw = torch.as_tensor(w, device='cuda')
+            torch.backends.cudnn.benchmark = True
+
+            def theirs():
+                for _ in range(T):
+                    torch.nn.functional.conv2d(tq, tw, padding=k // 2)
+            t_torch = _time(lambda: (theirs(), torch.cuda.synchronize()), sync, reps)
+            rows.append({'what': 'spatial term, T=%d torch conv2d (cuDNN) %dx%d' % (T, H, W),
+                         'ms': t_torch * 1e3, 'ratio_ours_over_torch': t_ours / t_torch})
+        except Exception as exc:
+            rows.append({'what': 'torch conv2d %dx%d' % (H, W), 'error': str(exc)})
+        cc.set_mode_cpu()
+        del net
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def environment():
+    env = {'python': platform.python_version(), 'numpy': np.__version__,
+           'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+    try:
+        import cupy as cp
+        env['cupy'] = cp.__version__
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        env['device'] = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
+        env['cuda_runtime'] = cp.cuda.runtime.runtimeGetVersion()
+    except Exception as exc:
+        env['cupy'] = 'unavailable: %s' % exc
+    try:
+        import torch
+        env['torch'] = torch.__version__
+    except Exception:
+        env['torch'] = 'absent'
+    return env
+
+
+def to_markdown():
+    env = RESULTS['environment']
+    lines = ['### GPU check (%s)' % env.get('date'), '',
+             'Device: %s; CuPy %s; CUDA runtime %s; torch %s; NumPy %s; Python %s.' % (
+                 env.get('device'), env.get('cupy'), env.get('cuda_runtime'), env.get('torch'),
+                 env.get('numpy'), env.get('python')), '']
+    for name, r in RESULTS['parts'].items():
+        if name == 'timings' and r['ok']:
+            continue
+        lines.append('- %s: %s (%.0f s)%s' % (name, 'passed' if r['ok'] else 'FAILED', r['seconds'],
+                                           '' if r['ok'] else ' — ' + r['error']))
+        if r['ok'] and isinstance(r.get('result'), dict):
+            worst = r['result']
+            lines.append('  - ' + ', '.join('%s: %s' % kv for kv in list(worst.items())[:12]))
+    t = RESULTS['parts'].get('timings')
+    if t and t['ok']:
+        lines += ['', '| what | median ms | ratio ours/torch |', '|---|---|---|']
+        for row in t['result']:
+            if 'ms' in row:
+                ratio = row.get('ratio_ours_over_torch')
+                lines.append('| %s | %.2f | %s |' % (row['what'], row['ms'], '%.2f' % ratio if ratio else ''))
+            else:
+                lines.append('| %s | error: %s | |' % (row['what'], row['error']))
+    elif t:
+        lines.append('- timings: FAILED — %s' % t['error'])
+    return '\n'.join(lines) + '\n'
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--shared', default=os.environ.get('CRFGRAD_SHARED', os.path.join(ROOT, '..', 'shared')))
+    ap.add_argument('--out', default=os.environ.get('OUT', os.path.join(ROOT, 'out')))
+    ap.add_argument('--quick', action='store_true', help='only the smaller timing size')
+    ap.add_argument('--pytest-timeout', type=int, default=240)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    RESULTS['environment'] = environment()
+    log(json.dumps(RESULTS['environment']))
+    oracle_tests(os.path.abspath(args.shared), args.pytest_timeout)
+    compare_random()
+    compare_bundled(os.path.abspath(args.shared))
+    timings(args.quick)
+    md = to_markdown()
+    print(md)
+    with open(os.path.join(args.out, 'gpu_results.md'), 'w') as f:
+        f.write(md)
+    with open(os.path.join(args.out, 'gpu_results.json'), 'w') as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    return 0 if all(r['ok'] for r in RESULTS['parts'].values()) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
