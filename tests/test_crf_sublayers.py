@@ -7,8 +7,7 @@ from google.protobuf import text_format
 
 from crfgrad_cupy import backend
 from crfgrad_cupy.blob import Blob
-from crfgrad_cupy.core import pgd
-from crfgrad_cupy.core.projection import project_simplex, project_simplex_vjp
+from crfgrad_cupy.core.projection import project_simplex
 from crfgrad_cupy.errors import CrfGradError
 from crfgrad_cupy.layers.base import create_layer, layer_class
 from crfgrad_cupy.proto import caffe_pb2
@@ -169,16 +168,13 @@ def test_unrolled_prototxt_equals_crfgrad(bilateral):
         net.clear_param_diffs()
         net.backward(crf=R)
         taps_plain = net.params['bilateral1'][0].diff.copy() if bilateral else None
-        # Permutohedral RESETS its filter diff in every backward (Caffe), so with shared taps the plain
-        # backward leaves only the last-run (= first) step's contribution; sum the steps layer by layer
+        # layer by layer too: the shared diff accumulates over the 5 Permutohedral steps
         names = net.layer_names
         net.clear_param_diffs()
         net.blobs['crf'].diff[...] = R
-        taps_sum = 0
         for name in reversed(names):
             net.backward(start=name, end=name)
-            if name.startswith('bilateral'):
-                taps_sum = taps_sum + net.params[name][0].diff
+        taps_sum = net.params['bilateral1'][0].diff.copy() if bilateral else None
 
         lp = _lp('name: "crf" type: "CrfGrad" crfgrad_param { num_classes: %d num_iterations: %d kernel_size: %d '
                  'step_size: %g leak_factor: %g log_eps: %g }' % (L, T, k, step, leak, eps))
@@ -203,11 +199,34 @@ def test_unrolled_prototxt_equals_crfgrad(bilateral):
         close(net.params['unary'][0].diff, layer.blobs[0].diff, 'unary weight diff')
         close(net.params['spatial1'][0].diff, layer.blobs[1].diff, 'spatial diff')
         if bilateral:
-            close(taps_sum, layer.blobs[2].diff, 'taps diff (sum over the steps)')
-            c = layer._cache
-            delta = R
-            for t in range(T - 1, -1, -1):                 # γ_0 = dL/ds_0 by the backward recursion
-                gam0 = project_simplex_vjp(delta, c.pre[t], c.info[t], leak, axis=1)
-                delta = gam0 - step * sum(term.adjoint(gam0) for term in c.terms)
-            first_step = -step * c.terms[1].param_grad(pgd.state(c, 0), gam0).reshape(taps.shape)
-            close(taps_plain, first_step, 'taps diff of the plain backward (first step only)')
+            close(taps_plain, layer.blobs[2].diff, 'taps diff of the plain backward')
+            close(taps_sum, layer.blobs[2].diff, 'taps diff, layer by layer')
+
+
+def test_permutohedral_resets_filter_diff_unless_asked_to_accumulate():
+    import crfgrad_cupy as cc
+    if layer_class('Permutohedral') is None:
+        pytest.skip('Permutohedral layer not there yet')
+    rng = np.random.default_rng(2)
+    diffs = []
+    for flag in ('false', 'true'):
+        net = cc.Net('''
+        force_backward: true
+        layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 5 } } }
+        layer { name: "f" type: "Input" top: "f" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 5 } } }
+        layer { name: "p" type: "Permutohedral" bottom: "x" bottom: "f" bottom: "f" top: "y"
+                permutohedral_param { num_output: 2 neighborhood_size: 1 offset_type: NONE
+                                      accumulate_param_diff: %s filter_filler { type: "gaussian" } } }
+        ''' % flag, cc.TEST)
+        net.blobs['x'].data[...] = rng.normal(size=(1, 2, 4, 5))
+        net.blobs['f'].data[...] = rng.normal(size=(1, 2, 4, 5))
+        net.forward()
+        net.blobs['y'].diff[...] = 1.0
+        net.backward()
+        once = net.params['p'][0].diff.copy()
+        net.backward()
+        diffs.append((once, net.params['p'][0].diff.copy()))
+    (reset_once, reset_twice), (acc_once, acc_twice) = diffs
+    np.testing.assert_allclose(reset_twice, reset_once)           # Caffe: reset, then set
+    np.testing.assert_allclose(acc_twice, 2 * acc_once, rtol=1e-5)  # extension: accumulate
+    assert np.abs(acc_once).max() > 0

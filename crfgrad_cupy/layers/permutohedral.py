@@ -196,7 +196,13 @@ class PermutohedralLayer(Layer):
             if op.norm_there is not None:
                 xT = xT * op.norm_there[:, None]
             dx[n] = xT.T.reshape(C, dx.shape[2], dx.shape[3])
-        fblob.diff[...] = fgrad                                   # Caffe resets, then sets
-        if self.bias_term:
-            self.blobs[1].diff[...] = grad.sum(axis=(0, 2, 3)).reshape(self.blobs[1].shape)
+        bias_grad = grad.sum(axis=(0, 2, 3)).reshape(self.blobs[1].shape) if self.bias_term else None
+        if self.param.permutohedral_param.accumulate_param_diff:   # our extension (shared filters)
+            fblob.diff[...] += fgrad
+            if self.bias_term:
+                self.blobs[1].diff[...] += bias_grad
+        else:
+            fblob.diff[...] = fgrad                               # Caffe resets, then sets
+            if self.bias_term:
+                self.blobs[1].diff[...] = bias_grad
         bottom[0].diff[...] = dx                                  # always written, as Caffe
