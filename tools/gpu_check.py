@@ -248,7 +248,7 @@ def timings(quick):
         except Exception as exc:
             rows.append({'what': 'torch conv2d %dx%d' % (H, W), 'error': str(exc)})
         cc.set_mode_cpu()
-        del net
+        net = None
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 

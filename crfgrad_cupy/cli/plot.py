@@ -193,7 +193,7 @@ def run_energy(args):
             inputs.append(seg.pre(seg.pre.load(p))[0])
     E = crf_energy_curves(seg.net, inputs, layer_name=args.layer, input_name=seg.input_name,
                           leak_factor=args.leak_factor)
-    fig = plot_energies(E, normalize=not args.no_normalize, path=args.out)
+    plot_energies(E, normalize=not args.no_normalize, path=args.out)
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         header = 'input,' + ','.join('E%d' % t for t in range(E.shape[1]))

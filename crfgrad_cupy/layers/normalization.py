@@ -1,5 +1,4 @@
 """BatchNorm, Scale, Bias and LRN layers (Caffe's semantics)."""
-import numpy as np
 
 from ..proto import caffe_pb2
 from .base import Layer, register
