@@ -35,7 +35,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
@@ -44,6 +43,7 @@ import numpy as np
 from . import backend
 from .errors import CrfGradError
 from .proto import caffe_pb2
+from .io.atomic import atomic_path, write_bytes_atomic
 
 log = logging.getLogger('crfgrad_cupy.solver')
 
@@ -216,19 +216,6 @@ def _merge_state(phase, net_param, extra):
     if extra is not None:
         state.MergeFrom(extra)
     return state
-
-
-def _write_atomic(data, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class _NetSpec:
@@ -734,7 +721,7 @@ def save_solver_state(path, it, learned_net, current_step, history):
     state.current_step = int(current_step)
     for h in history:
         state.history.add().CopyFrom(array_to_blob(np.asarray(h), double=np.asarray(h).dtype == np.float64))
-    _write_atomic(state.SerializeToString(), path)
+    write_bytes_atomic(state.SerializeToString(), path)
 
 
 def load_solver_state(path):
@@ -763,10 +750,7 @@ def save_solver_state_hdf5(path, it, learned_net, current_step, history):
     """Caffe's HDF5 solver state: int datasets iter, current_step (shape (1,)); the string
     dataset learned_net (scalar, null-terminated); group history with datasets 0..K-1."""
     import h5py
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, 'w') as f:
             f.create_dataset('iter', data=np.array([it], dtype=np.int32))
             raw = str(learned_net).encode('utf-8')
@@ -781,11 +765,6 @@ def save_solver_state_hdf5(path, it, learned_net, current_step, history):
             for i, h in enumerate(history):
                 h = np.asarray(h)
                 g.create_dataset(str(i), data=h.astype(np.float64 if h.dtype == np.float64 else np.float32))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_solver_state_hdf5(path):

@@ -20,12 +20,12 @@ column-major), attributes ``MATLAB_class`` / ``MATLAB_int_decode`` / ``MATLAB_em
 """
 import collections
 import os
-import tempfile
 import time
 
 import numpy as np
 
 from ..errors import CrfGradError
+from ..io.atomic import atomic_path
 
 HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
 
@@ -466,10 +466,7 @@ def save_mat(path, variables, version='7.3'):
     if version not in ('5', '7', '7.3'):
         raise CrfGradError('MAT version must be 5, 7 or 7.3, got %r' % version, file=path)
     _check_names(variables, path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if version == '7.3':
             import h5py
             with h5py.File(tmp, 'w', userblock_size=512, libver='earliest') as f:
@@ -483,11 +480,6 @@ def save_mat(path, variables, version='7.3'):
             scipy.io.savemat(tmp, {k: _to_scipy(v) for k, v in variables.items()},
                              do_compression=(version == '7'), long_field_names=True,
                              oned_as='row')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- identifiers

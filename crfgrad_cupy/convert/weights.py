@@ -13,7 +13,6 @@ Format is chosen from the file name: ``.npz``; ``.h5``/``.hdf5``; ``.mat`` (see
 """
 import collections
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -23,6 +22,7 @@ from ..io.caffemodel import LoadedWeights, load_caffemodel, save_caffemodel, wei
 from ..io.blobproto import array_to_blob
 from ..io.hdf5_weights import is_hdf5, load_hdf5_weights, save_hdf5_weights
 from ..proto import caffe_pb2
+from ..io.atomic import atomic_path
 
 
 def weights_format(path):
@@ -84,16 +84,8 @@ def save_npz_weights(weights, path, compressed=True):
     for layer, blobs in weights.items():
         for i, a in enumerate(blobs):
             arrays['%s/%d' % (layer, i)] = np.asarray(_host(a), dtype=np.float32)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.npz', dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix='.npz') as tmp:
         (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _host(a):

@@ -9,13 +9,13 @@ are matched leniently, see ``fit_blob``).
 import collections
 import logging
 import os
-import tempfile
 
 from google.protobuf.message import DecodeError
 
 from ..errors import CrfGradError
 from ..proto import caffe_pb2
 from . import upgrade
+from .atomic import write_bytes_atomic
 from .blobproto import blob_to_array, uses_legacy_shape
 
 log = logging.getLogger('crfgrad_cupy')
@@ -102,21 +102,7 @@ def load_caffemodel(path, upgrade_legacy=True):
 def save_caffemodel(net_param, path):
     """Write a NetParameter as a binary .caffemodel (temp file + rename: never half-written)."""
     data = net_param.SerializeToString()
-    _write_atomic(data, path)
-
-
-def _write_atomic(data, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(data, path)
 
 
 def _entries(net_param, source):

@@ -5,12 +5,12 @@ ones empty), holding datasets ``"0"``, ``"1"``, ... (blob index) with the blob's
 N-D shape.  With diffs, a parallel root group ``diff`` has the same layout.
 """
 import os
-import tempfile
 
 import numpy as np
 
 from ..errors import CrfGradError
 from .caffemodel import LoadedWeights, load_caffemodel_weights
+from .atomic import atomic_path
 
 HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
 
@@ -127,10 +127,7 @@ def save_hdf5_weights(weights, path, diffs=None, dtype=np.float32):
     """
     h5py = _h5py()
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, 'w') as f:
             for group_name, content in (('data', weights), ('diff', diffs)):
                 if content is None:
@@ -140,11 +137,6 @@ def save_hdf5_weights(weights, path, diffs=None, dtype=np.float32):
                     g = root.create_group(layer)
                     for i, a in enumerate(arrays):
                         g.create_dataset(str(i), data=np.asarray(_host(a), dtype=dtype))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_weights(path):

@@ -6,13 +6,13 @@ error, reported with file, line and the offending field.
 import logging
 import os
 import re
-import tempfile
 
 from google.protobuf import text_format
 
 from ..errors import CrfGradError
 from ..proto import caffe_pb2
 from . import upgrade
+from .atomic import write_text_atomic
 
 log = logging.getLogger('crfgrad_cupy')
 
@@ -125,21 +125,6 @@ def load_solver_param(source):
 def to_text(message):
     """Caffe-style text format of a message (2-space indentation, fields in schema order)."""
     return text_format.MessageToString(message)
-
-
-def write_text_atomic(text, path):
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_prototxt(message, path):
