@@ -9,13 +9,13 @@ weights, cross-correlation, pad (k-1)/2); [2] permutohedral taps (L, L, 1, F), F
 used with neighbourhood 1, offset NONE, SYMMETRIC normalisation, the features as both input
 and output points; one lattice per image, built once per forward.
 
-The maths is :mod:`crfgrad_cupy.core.pgd` (see there).  Diff rules as the fork:
-bottom[0].diff and blobs[0].diff are OVERWRITTEN, blobs[1]/blobs[2] diffs ACCUMULATED, no diff
-to bottom[1]; all three parameter diffs are computed whatever lr_mult says.
+The maths is :mod:`crfgrad_cupy.core.pgd` (see there).  Diff rules: bottom[0].diff is
+OVERWRITTEN, the parameter diffs ACCUMULATED (the fork overwrites blobs[0].diff: quirk mode only),
+no diff to bottom[1]; all three parameter diffs are computed whatever lr_mult says.
 
 ``crfgrad_param.reproduce_caffe_quirks`` (our field 100, default false) switches on the fork's
 deviations: the bilateral taps gradient of every step evaluated with the last step's input
-x_{T-1}; the energy top holding Σ over the whole batch of x·(u + Kx) (no ½) in row 0 only (the
+x_{T-1}; the unary-weight diff overwritten instead of accumulated (wrong with iter_size > 1); the energy top holding Σ over the whole batch of x·(u + Kx) (no ½) in row 0 only (the
 other rows are not written); no backward at all (not even parameter diffs) when bottom[0] does
 not need a gradient.  Default: the true gradient, per-image eq. (6) energies
 E = ψ·x + ½ xᵀKx in row n, and parameter diffs whenever the layer runs backward.
@@ -167,7 +167,11 @@ class CrfGradLayer(Layer):
         if propagate_down[0]:
             bottom[0].diff[...] = g['p']
         dt = self.blobs[0].dtype
-        self.blobs[0].diff[...] = backend.xp().asarray(g['unary_weight'], dtype=dt).reshape(1, 1, 1, 1)
+        unary_grad = backend.xp().asarray(g['unary_weight'], dtype=dt).reshape(1, 1, 1, 1)
+        if self.quirks:
+            self.blobs[0].diff[...] = unary_grad            # the fork overwrites this one diff
+        else:
+            self.blobs[0].diff[...] += unary_grad           # accumulate, like every parameter diff
         if g['terms'][0] is not None:
             self.blobs[1].diff[...] += g['terms'][0]
             self.blobs[2].diff[...] += g['terms'][1].reshape(self.blobs[2].shape)
