@@ -498,3 +498,18 @@ def test_cli_upgrade_errors(tmp_path, capsys):
     assert 'trunc.caffemodel' in capsys.readouterr().err
     assert cli_main(['upgrade', str(tmp_path / 'missing'), str(tmp_path / 'out')]) == 2
     assert not (tmp_path / 'out').exists()
+
+
+def test_atomic_writes_leave_usual_permissions_and_no_temp_files(tmp_path):
+    import stat
+    from crfgrad_cupy.io.atomic import write_bytes_atomic, atomic_path
+    target = tmp_path / 'w.bin'
+    write_bytes_atomic(b'abc', str(target))
+    mode = stat.S_IMODE(os.stat(target).st_mode)
+    assert mode & 0o044, oct(mode)          # group/others may read, as files Caffe writes
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp:
+            open(tmp, 'wb').write(b'half')
+            raise RuntimeError('disk full')
+    assert target.read_bytes() == b'abc'
+    assert sorted(os.listdir(tmp_path)) == ['w.bin']
