@@ -48,17 +48,12 @@ BEGIN = '<!-- weizmann_table1:begin -->'
 END = '<!-- weizmann_table1:end -->'
 
 SPATIAL_SIGMAS = (1.0, 2.0, 3.0, 4.0)
-SPATIAL_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
-BILATERAL_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+SPATIAL_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+BILATERAL_WEIGHTS = (1.0, 3.0, 6.0, 10.0)
 
 
 def log(msg):
     tdm.log(msg)
-
-
-def potts_blobs(spatial_weight, sigma, bilateral_weight, kernel=9):
-    spatial, taps = sg.potts_filters(2, kernel, spatial_weight, sigma, bilateral_weight, 63)
-    return [np.ones((1, 1, 1, 1), np.float32), spatial, taps]
 
 
 def set_crf(net, blobs):
@@ -113,6 +108,7 @@ def main(argv=None):
     ap.add_argument('--unary-stage', help='reuse the unary net of a train_default_model.py run (its stage1.npz)')
     ap.add_argument('--learn', choices=['e2e', 'crossfit'], default='e2e')
     ap.add_argument('--crf-iters', type=int, default=200)
+    ap.add_argument('--lr', type=float, default=1e-4, help='Adam base_lr of the learned rows')
     ap.add_argument('--crf-eval-every', type=int, default=40)
     ap.add_argument('--fold-iters', type=int, default=1000)
     ap.add_argument('--work', default='/tmp/crfgrad_table1')
@@ -153,43 +149,41 @@ def main(argv=None):
     crf_net = cc.Net(tdm.crf_only_prototxt(S), cc.TEST)
     log('grid: spatial Gaussian (sigma x weight), no bilateral term')
     best_sp = grid_search(crf_net, val, val_probs, [
-        ('sigma %g weight %g' % (s_, w_), potts_blobs(w_, s_, 0.0)) for s_ in SPATIAL_SIGMAS for w_ in SPATIAL_WEIGHTS])
+        ('sigma %g weight %g' % (s_, w_), tdm.potts_blobs(w_, 0.0, sigma=s_))
+        for s_ in SPATIAL_SIGMAS for w_ in SPATIAL_WEIGHTS])
     m_sp, name_sp, blobs_sp = best_sp[0]
     sp_sigma, sp_weight = [float(v) for v in name_sp.split()[1::2]]
     rows['+ spatial (Gaussian)'] = (score_fixed(S, test, test_probs, blobs_sp), 'chosen on val: %s' % name_sp)
     log('grid: + bilateral Gaussian taps (weight)')
     best_full = grid_search(crf_net, val, val_probs, [
-        ('%s, bilateral %g' % (name_sp, b_), potts_blobs(sp_weight, sp_sigma, b_)) for b_ in BILATERAL_WEIGHTS])
+        ('%s, bilateral %g' % (name_sp, b_), tdm.potts_blobs(sp_weight, b_, sigma=sp_sigma))
+        for b_ in BILATERAL_WEIGHTS])
     m_full, name_full, blobs_full = best_full[0]
     rows['+ full (Gaussian)'] = (score_fixed(S, test, test_probs, blobs_full), 'chosen on val: %s' % name_full)
     times['Gaussian grids'] = time.time() - t
 
-    # learned rows
+    # learned rows, each starting from its Gaussian row (taps 0 and frozen for the spatial one)
     learned = {}
-    for key, lr, zero_taps in (('+ spatial (learned)', (10, 10, 0), True), ('+ full (learned)', (10, 10, 10), False)):
+    for key, lr, init in (('+ spatial (learned)', (1, 1, 0), blobs_sp), ('+ full (learned)', (1, 1, 1), blobs_full)):
         t = time.time()
-        tag = 'spatial' if zero_taps else 'full'
-        init = None
-        if zero_taps:
-            probe = cc.Net(tdm.crf_only_prototxt(S), cc.TEST)
-            init = [np.array(b.data) for b in probe.params['crf']]
-            init[2][...] = 0
+        tag = 'spatial' if key.startswith('+ spatial') else 'full'
         if args.learn == 'e2e':
             params, m, hist = tdm.train_e2e(train, val, unary, S, args.crf_iters, args.seed, args.work, log_file,
-                                            lr_mults=lr, eval_every=args.crf_eval_every, init=init, tag=tag)
+                                            lr_mults=lr, base_lr=args.lr, eval_every=args.crf_eval_every,
+                                            init=init, tag=tag)
             pre, post = score_deploy(params, S, test)
             crf_blobs = params['crf']
-            note = 'end to end, best val iterate %d of %d (its unary alone: %.2f)' % (
+            note = 'end to end from the Gaussian row, best val iterate %d of %d (its unary alone: %.2f)' % (
                 max(hist, key=lambda h: h[1])[0], args.crf_iters, pre)
         else:
             if 'probs' not in learned:
                 learned['probs'] = tdm.crossfit_unaries(train, S, args.fold_iters, args.seed, args.work, log_file)
             probs, probs_m = learned['probs']
             crf_blobs, m, hist = tdm.train_crf(train, probs, probs_m, val, val_probs, S, args.crf_iters, args.seed,
-                                               args.work, log_file, lr_mults=tuple(v / 10.0 for v in lr),
+                                               args.work, log_file, lr_mults=lr, base_lr=args.lr,
                                                eval_every=args.crf_eval_every, init=init, tag=tag)
             post = score_fixed(S, test, test_probs, crf_blobs)
-            note = 'CRF on held-out unaries, unary net fixed; best val iterate %d of %d' % (
+            note = 'from the Gaussian row, CRF on held-out unaries, unary net fixed; best val iterate %d of %d' % (
                 max(hist, key=lambda h: h[1])[0], args.crf_iters)
         rows[key] = (post, note)
         learned[key] = crf_blobs
@@ -197,9 +191,10 @@ def main(argv=None):
 
     # figure: learned spatial filters, background-horse and horse-background of both learned rows
     W, names = _filters_for_figure([learned['+ spatial (learned)'][1], learned['+ full (learned)'][1]],
-                                   ['spatial', 'full'])
+                                   ['S', 'F'])
     plots.plot_spatial_filters(W, class_names=names, pairs=[(0, 1), (1, 0), (2, 3), (3, 2)], path=args.figure,
-                               title='Learned spatial filters (%d px Weizmann Horse)' % S)
+                               title='Learned spatial filters, %d px Weizmann Horse (S: spatial learned, '
+                                     'F: full learned)' % S)
     total = time.time() - t0
 
     lines = ['## Weizmann Horse, Table 1 at our scale (`benchmarks/weizmann_table1.py`)', '',
@@ -211,11 +206,11 @@ def main(argv=None):
         lines.append('| %s | %.2f | %s |' % (k, m, note))
     lines += ['', 'Paper (FCN-8s, 500 px, test split): 80.0 / 81.3 / 82.0 / 82.9 / 84.0.', '',
               '- Setup: %d px inputs (fit, pad, BGR mean), the bundled model\'s unary net (16/32/64 channels, '
-              'dilated convolutions) trained from scratch on train (150 images); CrfGrad kernel 9, 5 steps, '
-              'step 0.1, leak 0.5, PixelFeature pos_scale %.4g, color_scale 0.3. %s. Learned rows: %s, Adam, '
-              'batch 1, CRF lr 1e-3%s, %d iterations, val every %d.' % (
-                  S, tdm.pixel_feature(S)['pos_scale'], unary_note, args.learn,
-                  ', unary lr 1e-4' if args.learn == 'e2e' else '', args.crf_iters, args.crf_eval_every),
+              'dilated convolutions) trained from scratch on train (150 images); CrfGrad kernel 9, 5 steps of '
+              'size %g, leak %g, PixelFeature pos_scale %.4g, color_scale 0.3. %s. Learned rows: %s, Adam '
+              'base_lr %g, batch 1, %d iterations, val every %d.' % (
+                  S, tdm.CRF_DEFAULTS['step_size'], tdm.CRF_DEFAULTS['leak_factor'], tdm.pixel_feature(S)['pos_scale'],
+                  unary_note, args.learn, args.lr, args.crf_iters, args.crf_eval_every),
               '- Gaussian grids (val): spatial std %s x weight %s (unary weight 1, centre tap 0, kernel normalised '
               'to sum 1); bilateral weight %s on the best spatial setting.' % (
                   list(SPATIAL_SIGMAS), list(SPATIAL_WEIGHTS), list(BILATERAL_WEIGHTS)),
@@ -243,7 +238,7 @@ def _filters_for_figure(filters, labels):
     names = []
     for i, (f, lab) in enumerate(zip(filters, labels)):
         W[2 * i:2 * i + 2, 2 * i:2 * i + 2] = f
-        names += ['background (%s)' % lab, 'horse (%s)' % lab]
+        names += ['bg %s' % lab, 'horse %s' % lab]
     return W, names
 
 

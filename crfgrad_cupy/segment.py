@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backend
 from .errors import CrfGradError
-from .preprocess import IMAGE_EXTENSIONS, Preprocessor, load_image, load_mask, parse_size
+from .preprocess import IMAGE_EXTENSIONS, Preprocessor, load_mask, parse_size
 
 log = logging.getLogger('crfgrad_cupy')
 
@@ -559,11 +559,13 @@ def evaluate_folder(model='default', weights=None, data=None, unary_blob='score_
 
 # --- CRF-Grad on a given probability map (refine) ---------------------------------------------
 
-#: Defaults of :func:`refine` with Potts/Gaussian filters (see :func:`potts_filters`).
+#: Defaults of :func:`refine` with Potts/Gaussian filters (see :func:`potts_filters`).  Chosen on
+#: 10 Weizmann Horse val images (max side <= 400 px) refining the authors'-Caffe horse model's
+#: unaries at full image resolution: mean IoU 85.4 -> 89.9 (bilateral weight 1: 86.6, 3: 88.1).
 REFINE_DEFAULTS = collections.OrderedDict([
-    ('num_iterations', 5), ('step_size', 0.1), ('leak_factor', 0.0), ('log_eps', 0.1),
+    ('num_iterations', 10), ('step_size', 0.5), ('leak_factor', 0.0), ('log_eps', 0.1),
     ('unary_weight', 1.0), ('kernel_size', 9), ('spatial_weight', 1.0), ('spatial_sigma', 2.0),
-    ('bilateral_weight', 1.0), ('pos_scale', 0.05), ('color_scale', 0.3)])
+    ('bilateral_weight', 6.0), ('pos_scale', 0.01), ('color_scale', 0.3)])
 
 
 def crf_layers_prototxt(prob, crf, pos_scale, color_scale, lr_mults=None, data='data', top='score_post'):

@@ -18,14 +18,16 @@ Training (Input-fed nets, Adam, every step by :mod:`crfgrad_cupy.solver`):
 1. Unary net on the train split, random mirror / scale / shift augmentation; the val mean IoU
    (at full mask resolution) is measured every ``--eval-every`` iterations and the best
    iterate is kept.
-2. CRF parameters, trained on unaries that look like test-time unaries: the train split is cut
-   into two folds, a unary net is trained on each fold (same recipe, fewer iterations) and
-   predicts the OTHER fold, so every training image gets a held-out unary (a net that fits
-   its own training images far better than unseen ones would teach the CRF to trust the
-   unary too much: learned CRF weights trained on such unaries overfit within a few epochs).
-   The CRF (unary weight, 9x9 spatial filters, bilateral taps) is then trained on these
-   held-out unaries with the unary net fixed; the val mean IoU of the final net (stage-1 unary
-   + CRF) selects the iterate, the initial CRF included.
+2. CRF (CrfGrad: 5 steps of size 0.5, leak 0.5, 9x9 spatial filters, bilateral taps on
+   PixelFeature position + colour).  First a Potts model with Gaussian filters is chosen on val
+   from a small grid (spatial / bilateral weights); it is the starting point.  Then the CRF is
+   learned on unaries that look like test-time unaries: the train split is cut into two folds,
+   a unary net is trained on each fold (same recipe, fewer iterations) and predicts the OTHER
+   fold, so every training image gets a held-out unary (a net that fits its own training images
+   far better than unseen ones would teach the CRF to trust the unary too much: learned CRF
+   weights trained on such unaries overfit within a few epochs).  The CRF is trained on these
+   held-out unaries with the unary net fixed (Adam, lr 1e-4); the val mean IoU of the final net
+   (stage-1 unary + CRF) selects the iterate, the Potts start (iteration 0) included.
 
 Writes ``deploy.prototxt`` + ``horse.caffemodel`` + ``samples/`` (two val images and masks) +
 ``PROVENANCE.md`` into --out and the training log (Caffe's glog format), the generated train
@@ -54,7 +56,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import crfgrad_cupy as cc  # noqa: E402
 from crfgrad_cupy import segment as sg  # noqa: E402
 from crfgrad_cupy.preprocess import IMAGENET_BGR_MEAN, fit_size, load_image, load_mask, resize_uint8  # noqa: E402
-from crfgrad_cupy.preprocess import Placement, Preprocessor  # noqa: E402
+from crfgrad_cupy.preprocess import Preprocessor  # noqa: E402
 
 MEAN = np.asarray(IMAGENET_BGR_MEAN, np.float32)
 
@@ -65,9 +67,13 @@ BODY = [('conv1_1', 16, 1, True),
         ('conv3_3', 64, 4, False), ('conv3_4', 64, 8, False)]
 
 CRF_DEFAULTS = collections.OrderedDict([
-    ('num_classes', 2), ('kernel_size', 9), ('num_iterations', 5), ('step_size', 0.1),
-    ('leak_factor', 0.5), ('log_eps', 0.1), ('unary_weight_init', 0.5), ('pl_filter_init_scale', 0.1),
+    ('num_classes', 2), ('kernel_size', 9), ('num_iterations', 5), ('step_size', 0.5),
+    ('leak_factor', 0.5), ('log_eps', 0.1), ('unary_weight_init', 1.0), ('pl_filter_init_scale', 0.1),
     ('use_cudnn', False)])
+# Potts initialisations tried on val before the CRF is learned: (spatial weight, bilateral weight),
+# spatial Gaussian std 2 px (segment.potts_filters), unary weight 1.
+POTTS_GRID = [(ws, wb) for ws in (0.0, 1.0) for wb in (1.0, 3.0, 6.0)]
+POTTS_SIGMA = 2.0
 
 
 def pixel_feature(size):
@@ -429,6 +435,24 @@ def train_e2e(train, val, unary_params, size, iters, seed, work, log_file, crf=N
     return best, best_miou, history
 
 
+def potts_blobs(spatial_weight, bilateral_weight, sigma=POTTS_SIGMA, kernel=9):
+    """CrfGrad blobs [w_u = 1, spatial, taps] of a Potts model with Gaussian filters."""
+    spatial, taps = sg.potts_filters(2, kernel, spatial_weight, sigma, bilateral_weight, 63)
+    return [np.ones((1, 1, 1, 1), np.float32), spatial, taps]
+
+
+def potts_grid(val, val_probs, size, grid=POTTS_GRID, crf=None):
+    """[(val mIoU, spatial weight, bilateral weight)] of fixed Potts CRFs on the val unaries."""
+    net = cc.Net(crf_only_prototxt(size, crf), cc.TEST)
+    out = []
+    for ws, wb in grid:
+        for b, a in zip(net.params['crf'], potts_blobs(ws, wb)):
+            b.data[...] = a
+        out.append((crf_miou(net, val, val_probs), ws, wb))
+        log('  Potts spatial %g bilateral %g: val mIoU %.2f' % (ws, wb, out[-1][0]))
+    return out
+
+
 def train_crf(train, probs, probs_m, val, val_probs, size, iters, seed, work, log_file, crf=None,
               lr_mults=(1, 1, 1), base_lr=1e-3, eval_every=50, init=None, tag='crf'):
     """Stage 2: CRF parameters on fixed unaries; returns (best CRF blobs, best val mIoU, history).
@@ -531,13 +555,18 @@ def provenance(summary):
         'iterations: %s; kept iteration %d (%.1f s).' % (
             s['unary_iters'], s['eval_every'], ', '.join('%d: %.2f' % tuple(h) for h in s['unary_history']),
             s['unary_best_iter'], s['unary_seconds']),
-        '- Stage 2, CRF on held-out-like unaries: the train split cut into %d folds, a unary net trained on '
-        'each fold (%d iterations) predicts the other fold (%.1f s); CrfGrad (kernel 9, 5 steps, step 0.1, '
-        'leak 0.5, log_eps 0.1, PixelFeature pos_scale %g, color_scale %g) trained on those unaries '
-        '(and their mirrors) with the unary net fixed: Adam base_lr %g, batch 1, %d iterations (%.1f s). '
-        'Val mIoU (stage-1 unary + CRF): %s; kept iteration %d.' % (
-            s['folds'], s['fold_iters'], s['crossfit_seconds'], s['pixel_feature']['pos_scale'],
-            s['pixel_feature']['color_scale'], s['crf_lr'], s['crf_iters'], s['crf_seconds'],
+        '- Stage 2, CRF: CrfGrad kernel %d, %d steps of size %g, leak %g, log_eps %g, PixelFeature '
+        'POSITION_AND_RGB pos_scale %.4g, color_scale %g. Start: a Potts model with Gaussian filters (unary '
+        'weight 1, spatial std %g px) chosen on val from spatial x bilateral weights %s: %s (%.1f s); kept '
+        'spatial %g, bilateral %g. Learning on held-out-like unaries: the train split cut into %d folds, a unary '
+        'net trained on each (%d iterations) predicts the other fold (%.1f s); the CRF trained on those '
+        'unaries (and their mirrors) with the unary net fixed: Adam base_lr %g, batch 1, %d iterations '
+        '(%.1f s). Val mIoU (stage-1 unary + CRF): %s; kept iteration %d.' % (
+            CRF_DEFAULTS['kernel_size'], CRF_DEFAULTS['num_iterations'], CRF_DEFAULTS['step_size'],
+            CRF_DEFAULTS['leak_factor'], CRF_DEFAULTS['log_eps'], s['pixel_feature']['pos_scale'], s['pixel_feature']['color_scale'], s['potts_sigma'],
+            s['potts_weights'], ', '.join('%g/%g: %.2f' % (g[1], g[2], g[0]) for g in s['potts_grid']),
+            s['potts_seconds'], s['potts_best'][0], s['potts_best'][1], s['folds'], s['fold_iters'],
+            s['crossfit_seconds'], s['crf_lr'], s['crf_iters'], s['crf_seconds'],
             ', '.join('%d: %.2f' % tuple(h) for h in s['crf_history']), s['crf_best_iter']),
         '',
         '## Result (val split, mean IoU over background and horse, percent, at full mask resolution)',
@@ -559,13 +588,13 @@ def main(argv=None):
     ap.add_argument('--work', default='/tmp/crfgrad_train_horse', help='logs, generated prototxts, summary')
     ap.add_argument('--size', type=int, default=96)
     ap.add_argument('--seed', type=int, default=1701)
-    ap.add_argument('--unary-iters', type=int, default=2000)
-    ap.add_argument('--eval-every', type=int, default=250)
+    ap.add_argument('--unary-iters', type=int, default=4000)
+    ap.add_argument('--eval-every', type=int, default=500)
     ap.add_argument('--folds', type=int, default=2)
-    ap.add_argument('--fold-iters', type=int, default=1000)
+    ap.add_argument('--fold-iters', type=int, default=1500)
     ap.add_argument('--crf-iters', type=int, default=200)
     ap.add_argument('--crf-eval-every', type=int, default=40)
-    ap.add_argument('--crf-lr', type=float, default=1e-3)
+    ap.add_argument('--crf-lr', type=float, default=1e-4)
     ap.add_argument('--samples', default='horse010,horse047', help='two val stems to bundle as samples')
     ap.add_argument('--resume', action='store_true',
                     help='reuse the stage-1 weights / held-out unaries saved in --work by an earlier run')
@@ -614,10 +643,26 @@ def main(argv=None):
                  fold_iters=args.fold_iters)
     val_probs = unary_probs(unary, val, args.size)
     t = time.time()
-    crf, crf_miou, crf_hist = train_crf(train, probs, probs_m, val, val_probs, args.size, args.crf_iters,
-                                        args.seed, args.work, log_file, base_lr=args.crf_lr,
-                                        eval_every=args.crf_eval_every)
-    crf_seconds = time.time() - t
+    potts = potts_grid(val, val_probs, args.size)
+    init_miou, ws, wb = max(potts)
+    init = potts_blobs(ws, wb)
+    grid_seconds = time.time() - t
+    log('Potts grid on val: best spatial %g bilateral %g: %.2f (%.0f s)' % (ws, wb, init_miou, grid_seconds))
+    stage2 = os.path.join(args.work, 'stage2.npz')
+    if args.resume and os.path.exists(stage2):
+        params, info = load_stage(stage2)
+        crf, crf_hist, crf_seconds = params['crf'], [tuple(h) for h in info['history']], info['seconds']
+        args.crf_iters, args.crf_lr = info['iters'], info['lr']
+        reused += crf_seconds
+        log('CRF loaded from %s' % stage2)
+    else:
+        t = time.time()
+        crf, _, crf_hist = train_crf(train, probs, probs_m, val, val_probs, args.size, args.crf_iters,
+                                     args.seed, args.work, log_file, base_lr=args.crf_lr,
+                                     eval_every=args.crf_eval_every, init=init)
+        crf_seconds = time.time() - t
+        save_stage(stage2, {'crf': crf}, {'history': crf_hist, 'seconds': crf_seconds, 'iters': args.crf_iters,
+                                          'lr': args.crf_lr})
     crf_best_iter = max(crf_hist, key=lambda h: h[1])[0]
     samples = args.samples.split(',')
     write_bundle(args.out, args.size, unary, crf, val, samples)
@@ -633,7 +678,8 @@ def main(argv=None):
         unary_iters=args.unary_iters, eval_every=args.eval_every, unary_history=unary_hist,
         unary_best_iter=best_iter, unary_seconds=unary_seconds, folds=args.folds, fold_iters=args.fold_iters,
         crossfit_seconds=crossfit_seconds, crf_iters=args.crf_iters, crf_lr=args.crf_lr, crf_history=crf_hist,
-        crf_best_iter=crf_best_iter, crf_seconds=crf_seconds, pixel_feature=pixel_feature(args.size),
+        crf_best_iter=crf_best_iter, crf_seconds=crf_seconds, potts_grid=potts, potts_best=[ws, wb],
+        potts_seconds=grid_seconds, potts_sigma=POTTS_SIGMA, potts_weights=str(POTTS_GRID), pixel_feature=pixel_feature(args.size),
         val_unary_miou=res['unary_miou'], val_crf_miou=res['crf_miou'],
         crf_unary_weight=float(crf[0].ravel()[0]), crf_spatial_absmax=float(np.abs(crf[1]).max()),
         crf_taps_min=float(crf[2].min()), crf_taps_max=float(crf[2].max()),

@@ -44,8 +44,8 @@ def segment_options(args):
 def register(sub):
     p = sub.add_parser('segment', help='segment images with a net (label PNGs, overlays, probabilities)',
                        description=__doc__)
-    p.add_argument('model', help='deploy .prototxt')
-    p.add_argument('weights', help='.caffemodel or .caffemodel.h5')
+    p.add_argument('model', help="deploy .prototxt ('default': the bundled horse model)")
+    p.add_argument('weights', help=".caffemodel or .caffemodel.h5 ('default' with the bundled model)")
     p.add_argument('inputs', nargs='+', metavar='IMAGE_OR_LIST',
                    help="images, folders of images, or list files in Caffe's 'path [label]' format")
     p.add_argument('--out', default='segment_out', help='output folder (created)')
@@ -84,13 +84,14 @@ def run(args):
     paths = collect_images(args.inputs, args.root)
     if not paths:
         raise CrfGradError('no images found in %s' % ', '.join(args.inputs))
-    seg = sg.Segmenter.from_files(args.model, args.weights, output_blob=args.output_blob,
+    model, weights = sg.resolve_model(args.model, None if args.weights == 'default' else args.weights)
+    seg = sg.Segmenter.from_files(model, weights, output_blob=args.output_blob,
                                   energy=args.save_energy, **segment_options(args))
     if args.save_energy and not seg.net.energy_blobs:
-        raise CrfGradError('--save-energy needs a CrfGrad layer, the net has none', file=args.model)
+        raise CrfGradError('--save-energy needs a CrfGrad layer, the net has none', file=model)
     if args.save_rounded:
         sg.crf_problem(seg.net)          # fails early when there is no CrfGrad layer
-    verifier = sg.Verifier(args.model, args.weights) if args.verify else None
+    verifier = sg.Verifier(model, weights) if args.verify else None
     os.makedirs(args.out, exist_ok=True)
     failed = 0
     bar = tqdm(list(zip(paths, _unique_stems(paths))), desc='segment', unit='img', file=sys.stderr,
