@@ -14,7 +14,8 @@ setup(
                       'matplotlib>=3.5', 'tqdm>=4.0', 'pillow>=9.0'],
     extras_require={
         'gpu': ['cupy-cuda12x'],
-        'test': ['pytest>=7', 'PyMaxflow>=1.3'],
+        'fast': ['numba>=0.59'],
+        'test': ['pytest>=7', 'PyMaxflow>=1.3', 'numba>=0.59'],
     },
     entry_points={'console_scripts': ['crfgrad=crfgrad_cupy.cli:main']},
 )

@@ -47,6 +47,7 @@ import itertools
 import numpy as np
 
 from .. import backend
+from . import accel
 
 __all__ = ['num_taps', 'tap_steps', 'gaussian_taps', 'Lattice', 'build_lattice', 'BilateralFilter']
 
@@ -67,6 +68,9 @@ def _sparse(xp):
 # vertex codes up to this many bits are exact mixed-radix numbers, larger ones hashed
 _MAX_EXACT_BITS = 62
 
+# vertices per block of the compiled path's tap structure (per block and tap one BLAS product)
+_VERTEX_BLOCK = 512
+
 
 def _is_numpy(xp):
     return xp is np
@@ -84,6 +88,26 @@ def _tap_steps_cached(d, s):
     out = np.array(steps, dtype=np.int64).reshape(-1, d + 1)
     out.setflags(write=False)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_parents(d, s):
+    """(parent, direction), both (F,) int64: the walk of tap f >= 1 is the walk of tap parent[f]
+    (< f) followed by one step along lattice direction direction[f] (its last direction with a
+    step); tap 0 (no step) has parent 0."""
+    steps = _tap_steps_cached(d, s)
+    index = {tuple(r): i for i, r in enumerate(steps.tolist())}
+    parent = np.zeros(steps.shape[0], dtype=np.int64)
+    direction = np.zeros(steps.shape[0], dtype=np.int64)
+    for f in range(1, steps.shape[0]):
+        st = steps[f].copy()
+        k = int(np.nonzero(st)[0][-1])
+        st[k] -= 1
+        parent[f] = index[tuple(st.tolist())]
+        direction[f] = k
+    parent.setflags(write=False)
+    direction.setflags(write=False)
+    return parent, direction
 
 
 def tap_steps(d, neighborhood_size):
@@ -320,6 +344,20 @@ class Lattice:
 
         feats = in_features if same else xp.concatenate([in_features, out_features], axis=1)
         feats = xp.ascontiguousarray(feats)
+        self._nbr = None
+        self._inv = None
+        self._gauss_blur = None
+        self._taps_v = self._taps_u = None
+        self._sp = _sparse(xp)
+        self._kern = accel.kernels(xp)
+        if self._kern is not None:
+            self._build_compiled(feats, visualize)
+        else:
+            self._build_vectorised(feats, visualize)
+
+    def _build_vectorised(self, feats, visualize):
+        """Construction with sorts and gathers over all points (NumPy or CuPy)."""
+        xp, d, s, n_in, same = self.xp, self.d, self.neighborhood_size, self.n_in, self.same_points
         n = feats.shape[1]
         rem0, rank, bary = _elevate_and_simplex(feats, xp)
         if visualize:
@@ -395,14 +433,9 @@ class Lattice:
         walk(0, ident, ident, False)
         assert len(taps_v) == self.num_taps
         taps_v[0] = taps_u[0] = None         # tap 0 is the vertex itself
-        self.taps_v = taps_v
-        self.taps_u = taps_u
-        self._nbr = None
-        self._inv = None
-        self._gauss_blur = None
+        self._taps_v = taps_v
+        self._taps_u = taps_u
 
-        sp = _sparse(xp)
-        self._sp = sp
         self._P_in = self._point_matrix(self.vertex_in, self.weight_in)
         self._S_in = self._transpose(self._P_in)
         if same:
@@ -410,6 +443,105 @@ class Lattice:
         else:
             self._P_out = self._point_matrix(self.vertex_out, self.weight_out)
             self._S_out = self._transpose(self._P_out)
+
+    def _build_compiled(self, feats, visualize):
+        """Construction with the compiled kernels (CPU): per-point simplex, a hash table of the
+        vertex keys (vertices numbered in order of first appearance, as Caffe), the immediate
+        neighbours by hash look-ups and the tap walk of every vertex as a CSR."""
+        K = self._kern
+        d, s, n_in = self.d, self.neighborhood_size, self.n_in
+        n = feats.shape[1]
+        dtype = feats.dtype.type
+        f32 = np.float32
+        inv_std_dev = f32(np.sqrt(2.0 / 3.0) * (d + 1))
+        scale = np.array([dtype(f32(1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev)))
+                          for i in range(d)], dtype=dtype)
+        jvals = np.arange(d + 1).astype(dtype)
+        down32 = f32(1.0) / f32(d + 1)
+        rem0 = np.empty((n, d + 1), np.int64)
+        rank = np.empty((n, d + 1), np.int64)
+        weight = np.empty((n, d + 1), dtype)
+        K.lattice_points(feats, scale, jvals, down32, dtype(down32), dtype(0), rem0, rank, weight)
+        if visualize:
+            weight[...] = 1
+        cap_bits = max(4, int(2 * max(n, 1) * (d + 1) - 1).bit_length())
+        vertex, keys, table, M = K.hash_vertices(rem0, rank, cap_bits)
+        del rem0, rank
+        M = int(M)
+        self.num_vertices = M
+        self.vertex_in = vertex[:n_in]
+        self.weight_in = weight[:n_in]
+        if self.same_points:
+            self.vertex_out, self.weight_out = self.vertex_in, self.weight_in
+        else:
+            self.vertex_out = vertex[n_in:]
+            self.weight_out = weight[n_in:]
+        self._imm = K.immediate_neighbours(keys, table, M)        # (M+1, d+1), row M = M
+        del table, keys
+        self.immediate = self._imm[:M].T
+        self._bt = self._bt_inv = None
+        self._point_csr = {}
+
+    @property
+    def taps_v(self):
+        """[None] + for every tap f >= 1 the vertices v whose tap f exists (increasing)."""
+        if self._taps_v is None:
+            self._taps_from_csr()
+        return self._taps_v
+
+    @property
+    def taps_u(self):
+        """[None] + for every tap f >= 1 the vertices nbr_f(v) read by them."""
+        if self._taps_u is None:
+            self._taps_from_csr()
+        return self._taps_u
+
+    def _blocks(self):
+        """Tap structure of the compiled path (built on first use): per block of _VERTEX_BLOCK
+        vertices v and per tap f the pairs (v, nbr_f(v)) whose walk stays on the lattice, as
+        (bptr (nblk·F + 1,), row (nnz,) = v, col (nnz,) = nbr_f(v))."""
+        if self._bt is None:
+            parent, direction = _tap_parents(self.d, self.neighborhood_size)
+            self._bt = self._kern.tap_blocks(self._imm, parent, direction, self.num_vertices, _VERTEX_BLOCK)
+        return self._bt
+
+    def _blocks_inv(self):
+        """The same for the inverse maps: per block of vertices u and tap f the pairs (u, v) with
+        nbr_f(v) = u (for the adjoint of the blur)."""
+        if self._bt_inv is None:
+            self._bt_inv = self._kern.transpose_blocks(*self._blocks(), self.num_vertices, self.num_taps,
+                                                       _VERTEX_BLOCK)
+        return self._bt_inv
+
+    def _taps_from_csr(self):
+        bptr, row, col = self._blocks()
+        F = self.num_taps
+        tap_of_range = np.tile(np.arange(F), (bptr.shape[0] - 1) // F)
+        tap = np.repeat(tap_of_range, np.diff(bptr))
+        order = np.argsort(tap, kind='stable')               # blocks, then v, stay increasing
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(tap, minlength=F))])
+        v = row[order].astype(np.intp)
+        u = col[order].astype(np.intp)
+        self._taps_v = [None] + [v[bounds[f]:bounds[f + 1]] for f in range(1, F)]
+        self._taps_u = [None] + [u[bounds[f]:bounds[f + 1]] for f in range(1, F)]
+
+    def _points_csr(self, points, dtype):
+        """Splat structure of the input ('in') or output ('out') points: for every vertex its
+        points (increasing) and their barycentric weights in ``dtype`` (compiled path)."""
+        key = (points, np.dtype(dtype).name)
+        if key not in self._point_csr:
+            base = (points, np.dtype(self.dtype).name)
+            if base not in self._point_csr:
+                vertex, weight = (self.vertex_in, self.weight_in) if points == 'in' else \
+                    (self.vertex_out, self.weight_out)
+                n, dp1 = vertex.shape
+                ptr = np.arange(0, n * dp1 + 1, dp1, dtype=np.int64)
+                self._point_csr[base] = self._kern.transpose_csr(
+                    ptr, np.ascontiguousarray(vertex).ravel(), np.ascontiguousarray(weight).ravel(),
+                    self.num_vertices)
+            vptr, vpt, vw = self._point_csr[base]
+            self._point_csr[key] = (vptr, vpt, vw.astype(dtype, copy=False))
+        return self._point_csr[key]
 
     # ---------------------------------------------------------------- internals
     def _point_matrix(self, vertex, weight):
@@ -481,6 +613,11 @@ class Lattice:
         dtype = np.result_type(latT.dtype, w.dtype)
         latT = latT.astype(dtype, copy=False)
         w = w.astype(dtype, copy=False)
+        if self._kern is not None:
+            out = np.empty((self.num_vertices, w.shape[2]), dtype)
+            self._kern.blur(*self._blocks(), np.ascontiguousarray(latT), np.ascontiguousarray(w), out,
+                            _VERTEX_BLOCK)
+            return out
         out = latT @ w[0]
         for f in range(1, self.num_taps):
             v = self.taps_v[f]
@@ -494,6 +631,10 @@ class Lattice:
         dtype = np.result_type(gradT.dtype, w.dtype)
         gradT = gradT.astype(dtype, copy=False)
         wt = self.xp.ascontiguousarray(w.astype(dtype, copy=False).transpose(0, 2, 1))
+        if self._kern is not None:
+            out = np.empty((self.num_vertices, wt.shape[2]), dtype)
+            self._kern.blur(*self._blocks_inv(), np.ascontiguousarray(gradT), wt, out, _VERTEX_BLOCK)
+            return out
         out = gradT @ wt[0]
         for f in range(1, self.num_taps):
             u = self.taps_u[f]
@@ -508,12 +649,17 @@ class Lattice:
         dtype = np.result_type(latT.dtype, gradT.dtype)
         latT = latT.astype(dtype, copy=False)
         gradT = gradT.astype(dtype, copy=False)
-        full = xp.zeros((F, C, O), dtype=dtype)
-        full[0] = latT.T @ gradT
-        for f in range(1, F):
-            v = self.taps_v[f]
-            if v.shape[0]:
-                xp.matmul(xp.take(latT, self.taps_u[f], axis=0).T, xp.take(gradT, v, axis=0), out=full[f])
+        if self._kern is not None:
+            full = self._kern.taps_grad(*self._blocks(), np.ascontiguousarray(latT),
+                                        np.ascontiguousarray(gradT), F, _VERTEX_BLOCK)
+        else:
+            full = xp.zeros((F, C, O), dtype=dtype)
+            full[0] = latT.T @ gradT
+            for f in range(1, F):
+                v = self.taps_v[f]
+                if v.shape[0]:
+                    xp.matmul(xp.take(latT, self.taps_u[f], axis=0).T, xp.take(gradT, v, axis=0),
+                              out=full[f])
         if group == 1:
             return xp.ascontiguousarray(full.transpose(2, 1, 0))
         Cg, Og = C // group, O // group
@@ -532,9 +678,25 @@ class Lattice:
         return A @ x
 
     def _splatT(self, xT, points='in'):
+        """(n_points, C) -> (M, C): barycentric splat of the input ('in') or output ('out') points."""
+        if self._kern is not None:
+            dtype = np.result_type(xT.dtype, self.dtype)
+            vptr, vpt, vw = self._points_csr(points, dtype)
+            out = np.empty((self.num_vertices, xT.shape[1]), dtype)
+            self._kern.splat(vptr, vpt, vw, np.ascontiguousarray(xT, dtype=dtype), out)
+            return out
         return self._spmm(self._S_in if points == 'in' else self._S_out, xT)
 
     def _sliceT(self, latT, points='out'):
+        """(M, C) -> (n_points, C): barycentric interpolation at the output ('out') or input points."""
+        if self._kern is not None:
+            dtype = np.result_type(latT.dtype, self.dtype)
+            vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
+                (self.vertex_in, self.weight_in)
+            out = np.empty((vertex.shape[0], latT.shape[1]), dtype)
+            self._kern.slice_points(vertex, weight.astype(dtype, copy=False),
+                                    np.ascontiguousarray(latT, dtype=dtype), out)
+            return out
         return self._spmm(self._P_out if points == 'out' else self._P_in, latT)
 
     def gaussian_blur_matrix(self):
@@ -567,6 +729,12 @@ class Lattice:
 
     def _blur_scalarT(self, latT, g):
         """Blur every channel with the same taps g (F,): (M, C) -> (M, C)."""
+        if self._kern is not None:
+            dtype = np.result_type(latT.dtype, g.dtype)
+            out = np.empty(latT.shape, dtype)
+            self._kern.blur_scalar(*self._blocks(), np.ascontiguousarray(latT, dtype=dtype),
+                                   np.ascontiguousarray(g, dtype=dtype), out, _VERTEX_BLOCK)
+            return out
         out = latT * g[0]
         for f in range(1, self.num_taps):
             v = self.taps_v[f]
@@ -703,7 +871,12 @@ class BilateralFilter:
         """values (C, n_in) -> (C, n_out): the normalised filter with the Gaussian taps on
         every channel separately (= apply with taps g·I, computed with a sparse matrix)."""
         lat = self.lattice
-        yT = lat._sliceT(lat._spmm(lat.gaussian_blur_matrix(), self.splat_input(values)), 'out')
+        zT = self.splat_input(values)
+        if lat._kern is not None:
+            yT = lat._blur_scalarT(zT, gaussian_taps(lat.d, lat.neighborhood_size, np, zT.dtype))
+        else:
+            yT = lat._spmm(lat.gaussian_blur_matrix(), zT)
+        yT = lat._sliceT(yT, 'out')
         if self.norm_back is not None:
             yT *= self.norm_back[:, None]
         return yT.T

@@ -1,0 +1,446 @@
+"""Numba kernels for the CPU (NumPy) path: permutohedral lattice, simplex projection, and the
+per-frequency products of the spatial filter.
+
+This module imports numba at its top, so it is imported lazily (see :func:`get`) and only
+when numba is installed and the environment variable ``CRFGRAD_NO_NUMBA`` is not set to a
+true value.  Every kernel has a vectorised NumPy/CuPy counterpart in lattice.py,
+projection.py and spatial.py (the reference and the fallback); tests/test_speed_equivalence.py
+compares the two.
+
+Layouts: lattice values are vertex-major (M, C), point values point-major (n, C); the tap
+structure is a CSR over vertices ``ptr`` (M+1,), ``tap`` (nnz,) tap index f, ``nbr`` (nnz,)
+vertex read by that tap (only taps whose walk stays on the lattice; tap 0 = the vertex
+itself comes first in every row, the taps of a row are in increasing f).  Parallel loops
+run over fixed-size blocks, so results do not depend on the number of threads.
+"""
+import numpy as np
+from numba import njit, prange
+
+_JIT = dict(cache=True, nogil=True)
+
+# vertices (points) per parallel block: scratch arrays are allocated once per block
+_BLOCK = 512
+# vertices per partial sum of the taps gradient (float32 partial sums, added in float64)
+_GRAD_CHUNK = 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# lattice construction
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def lattice_points(feat, scale, jvals, down32, down_d, zero, rem0, rank, bary):
+    """Per point (columns of feat (d, n)): Caffe's elevation, rounding, rank and barycentric
+    weights, in the same arithmetic as lattice._elevate_and_simplex.  Writes rem0 (n, d+1)
+    int64, rank (n, d+1) int64, bary (n, d+1) (feat's dtype)."""
+    d, n = feat.shape
+    dp1 = d + 1
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    for b in prange(nblk):
+        el = np.empty(dp1, feat.dtype)
+        fr = np.empty(dp1, feat.dtype)
+        res = np.empty(dp1, np.float32)
+        plus = np.empty(dp1 + 1, feat.dtype)
+        minus = np.empty(dp1 + 1, feat.dtype)
+        r0 = np.empty(dp1, np.int64)
+        rk = np.empty(dp1, np.int64)
+        for k in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+            sm = zero
+            for j in range(d, 0, -1):
+                cf = feat[j - 1, k] * scale[j - 1]
+                el[j] = sm - jvals[j] * cf
+                sm = sm + cf
+            el[0] = sm
+            total = 0
+            for i in range(dp1):
+                e32 = np.float32(el[i])
+                x = np.float64(down32 * e32)
+                rd = np.int64(np.trunc(x + np.copysign(0.5, x)))
+                r0[i] = rd * dp1
+                total += rd
+                res[i] = e32 - np.float32(r0[i])
+                rk[i] = 0
+            for i in range(d):
+                for j in range(i + 1, dp1):
+                    if res[i] < res[j]:
+                        rk[i] += 1
+                    else:
+                        rk[j] += 1
+            for i in range(dp1):
+                r = rk[i] + total
+                if r < 0:
+                    r += dp1
+                    r0[i] += dp1
+                elif r > d:
+                    r -= dp1
+                    r0[i] -= dp1
+                rk[i] = r
+                rem0[k, i] = r0[i]
+                rank[k, i] = r
+                fr[i] = r0[i]
+            for j in range(dp1 + 1):
+                plus[j] = zero
+                minus[j] = zero
+            for i in range(dp1):
+                v = (el[i] - fr[i]) * down_d
+                plus[d - rk[i]] = v
+                minus[d - rk[i] + 1] = v
+            for j in range(1, dp1):
+                bary[k, j] = plus[j] - minus[j]
+            last = plus[dp1] - minus[dp1]
+            first = plus[0] - minus[0]
+            bary[k, 0] = np.float64(first) + (1.0 + np.float64(last))
+
+
+@njit(inline='always')
+def _mix(h, x):
+    return (h ^ x) * np.int64(0x100000001B3) + np.int64(0x9E3779B9)
+
+
+@njit(inline='always')
+def _slot(h, mask):
+    h = h ^ (h >> np.int64(29))
+    h = h * np.int64(0x5851F42D4C957F2D)
+    h = h ^ (h >> np.int64(32))
+    return h & mask
+
+
+@njit(**_JIT)
+def hash_vertices(rem0, rank, cap_bits):
+    """Unique simplex vertices of all points, numbered in order of first appearance (point-major,
+    vertex r = 0..d within a point, as Caffe's hash table).  Returns vertex (n, d+1) int32,
+    keys (M, d) int64, the open-addressing table (2^cap_bits,) int32 (-1 = empty) and M."""
+    n, dp1 = rem0.shape
+    d = dp1 - 1
+    cap = np.int64(1) << cap_bits
+    mask = cap - 1
+    table = np.full(cap, -1, np.int32)
+    keys = np.empty((max(n * dp1, 1), max(d, 1)), np.int64)
+    vertex = np.empty((n, dp1), np.int32)
+    key = np.empty(max(d, 1), np.int64)
+    m = 0
+    for k in range(n):
+        for r in range(dp1):
+            h = np.int64(0)
+            for i in range(d):
+                kv = rem0[k, i] + r
+                if rank[k, i] > d - r:
+                    kv -= dp1
+                key[i] = kv
+                h = _mix(h, kv)
+            slot = _slot(h, mask)
+            while True:
+                idx = table[slot]
+                if idx < 0:
+                    table[slot] = m
+                    for i in range(d):
+                        keys[m, i] = key[i]
+                    vertex[k, r] = m
+                    m += 1
+                    break
+                same = True
+                for i in range(d):
+                    if keys[idx, i] != key[i]:
+                        same = False
+                        break
+                if same:
+                    vertex[k, r] = idx
+                    break
+                slot = (slot + 1) & mask
+    return vertex, keys[:m].copy(), table, m
+
+
+@njit(parallel=True, **_JIT)
+def immediate_neighbours(keys, table, m):
+    """imm (M+1, d+1) int32: imm[v, k] = the vertex v + v_k (v_k = (d+1)e_k - 1, coordinates
+    0..d-1 stored), M where it does not exist; row M holds M (the missing vertex has none)."""
+    d = keys.shape[1] if m > 0 else 0
+    dp1 = d + 1
+    mask = np.int64(table.shape[0] - 1)
+    imm = np.empty((m + 1, dp1), np.int32)
+    for k in range(dp1):
+        imm[m, k] = m
+    nblk = (m + _BLOCK - 1) // _BLOCK
+    for b in prange(nblk):
+        key = np.empty(max(d, 1), np.int64)
+        for v in range(b * _BLOCK, min(m, (b + 1) * _BLOCK)):
+            for k in range(dp1):
+                h = np.int64(0)
+                for i in range(d):
+                    kv = keys[v, i] - 1
+                    if i == k:
+                        kv += dp1
+                    key[i] = kv
+                    h = _mix(h, kv)
+                slot = _slot(h, mask)
+                found = m
+                while True:
+                    idx = table[slot]
+                    if idx < 0:
+                        break
+                    same = True
+                    for i in range(d):
+                        if keys[idx, i] != key[i]:
+                            same = False
+                            break
+                    if same:
+                        found = idx
+                        break
+                    slot = (slot + 1) & mask
+                imm[v, k] = found
+    return imm
+
+
+@njit(**_JIT)
+def _walk_block(imm, parent, direction, m, v0, nb, walk):
+    """walk[f, i] = nbr_f(v0 + i) (M = missing) for the nb vertices of a block: tap f >= 1 is one
+    step along direction[f] from the end of tap parent[f] < f; done tap by tap over the block, so
+    the look-ups of one tap are independent (the memory latencies overlap)."""
+    F = parent.shape[0]
+    for i in range(nb):
+        walk[0, i] = v0 + i
+    for f in range(1, F):
+        wp = walk[parent[f]]
+        wf = walk[f]
+        k = direction[f]
+        for i in range(nb):
+            wf[i] = imm[wp[i], k]
+
+
+@njit(parallel=True, **_JIT)
+def tap_blocks(imm, parent, direction, m, block):
+    """Caffe's tap walk from every vertex, as a tap-major CSR per block of ``block`` vertices.
+
+    imm (M+1, d+1) int32 (row M = M, so a walk that left the lattice stays out).  Returns bptr
+    (nblk·F + 1,) int64 (the entries of block b and tap f are bptr[b·F + f] .. bptr[b·F + f + 1]
+    - 1), row (nnz,) = v (increasing within a block and tap) and col (nnz,) = nbr_f(v), both
+    int32, for the taps whose walk stays on the lattice.  Two passes (count, fill)."""
+    F = parent.shape[0]
+    nblk = max(1, (m + block - 1) // block)
+    bcnt = np.zeros((nblk, F), np.int64)
+    for b in prange(nblk):
+        v0 = b * block
+        nb = max(0, min(m, v0 + block) - v0)
+        walk = np.empty((F, block), np.int32)
+        _walk_block(imm, parent, direction, m, v0, nb, walk)
+        for f in range(F):
+            c = 0
+            wf = walk[f]
+            for i in range(nb):
+                c += wf[i] < m
+            bcnt[b, f] = c
+    bptr = np.empty(nblk * F + 1, np.int64)
+    bptr[0] = 0
+    flat = bcnt.ravel()
+    for i in range(nblk * F):
+        bptr[i + 1] = bptr[i] + flat[i]
+    nnz = bptr[nblk * F]
+    row = np.empty(nnz, np.int32)
+    col = np.empty(nnz, np.int32)
+    for b in prange(nblk):
+        v0 = b * block
+        nb = max(0, min(m, v0 + block) - v0)
+        walk = np.empty((F, block), np.int32)
+        _walk_block(imm, parent, direction, m, v0, nb, walk)
+        for f in range(F):
+            p = bptr[b * F + f]
+            wf = walk[f]
+            for i in range(nb):
+                u = wf[i]
+                if u < m:
+                    row[p] = v0 + i
+                    col[p] = u
+                    p += 1
+    return bptr, row, col
+
+
+@njit(**_JIT)
+def transpose_blocks(bptr, row, col, m, F, block):
+    """The block-tap CSR of the inverse maps: entries (row = u, col = v) grouped by blocks of u
+    and by tap, v increasing within a (block, tap) (a stable counting sort)."""
+    nblk_in = (bptr.shape[0] - 1) // F
+    nblk = max(1, (m + block - 1) // block)
+    cnt = np.zeros(nblk * F + 1, np.int64)
+    for bi in range(nblk_in):
+        for f in range(F):
+            for e in range(bptr[bi * F + f], bptr[bi * F + f + 1]):
+                cnt[(col[e] // block) * F + f + 1] += 1
+    for i in range(nblk * F):
+        cnt[i + 1] += cnt[i]
+    pos = cnt[:nblk * F].copy()
+    nnz = cnt[nblk * F]
+    irow = np.empty(nnz, np.int32)
+    icol = np.empty(nnz, np.int32)
+    # visit the forward entries in increasing v (blocks of v, then v within a block across taps
+    # would need a merge; instead walk tap by tap: within one tap f the v are increasing over the
+    # forward blocks, so every (u-block, f) bucket receives its v in increasing order)
+    for f in range(F):
+        for bi in range(nblk_in):
+            for e in range(bptr[bi * F + f], bptr[bi * F + f + 1]):
+                u = col[e]
+                k = (u // block) * F + f
+                p = pos[k]
+                irow[p] = u
+                icol[p] = row[e]
+                pos[k] = p + 1
+    return cnt, irow, icol
+
+
+@njit(**_JIT)
+def transpose_csr(ptr, col, val, ncols):
+    """CSR (rows -> (col, val)) to CSR over the columns: for column u its entries (row, val) in
+    increasing row order.  Returns (ptr_t (ncols+1,) int64, row_t (nnz,) int32, val_t (nnz,))."""
+    nrows = ptr.shape[0] - 1
+    nnz = col.shape[0]
+    ptr_t = np.zeros(ncols + 1, np.int64)
+    for e in range(nnz):
+        ptr_t[col[e] + 1] += 1
+    for u in range(ncols):
+        ptr_t[u + 1] += ptr_t[u]
+    nxt = ptr_t[:-1].copy()
+    row_t = np.empty(nnz, np.int32)
+    val_t = np.empty(nnz, val.dtype)
+    for r in range(nrows):
+        for e in range(ptr[r], ptr[r + 1]):
+            u = col[e]
+            p = nxt[u]
+            row_t[p] = r
+            val_t[p] = val[e]
+            nxt[u] = p + 1
+    return ptr_t, row_t, val_t
+
+
+# ---------------------------------------------------------------------------------------------
+# splat / slice / blur
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def splat(vptr, vpoint, vweight, x, out):
+    """out[v, c] = Σ_{points k of v, increasing k} w_k x[k, c].  x (n, C), out (M, C)."""
+    m, C = out.shape
+    nblk = (m + _BLOCK - 1) // _BLOCK
+    for b in prange(nblk):
+        for v in range(b * _BLOCK, min(m, (b + 1) * _BLOCK)):
+            for c in range(C):
+                out[v, c] = 0
+            for e in range(vptr[v], vptr[v + 1]):
+                k = vpoint[e]
+                w = vweight[e]
+                for c in range(C):
+                    out[v, c] += w * x[k, c]
+
+
+@njit(parallel=True, **_JIT)
+def slice_points(vertex, weight, lat, out):
+    """out[k, c] = Σ_r weight[k, r] lat[vertex[k, r], c].  out (n, C)."""
+    n, C = out.shape
+    dp1 = vertex.shape[1]
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    for b in prange(nblk):
+        for k in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+            for c in range(C):
+                out[k, c] = 0
+            for r in range(dp1):
+                v = vertex[k, r]
+                w = weight[k, r]
+                for c in range(C):
+                    out[k, c] += w * lat[v, c]
+
+
+@njit(parallel=True, **_JIT)
+def blur(bptr, row, col, lat, w, out, block):
+    """out[v, o] = Σ_{(f, u) of v} Σ_c lat[u, c] w[f, c, o] over a block-tap CSR (rows v):
+    per block and tap the rows lat[u] are gathered and multiplied by w[f] with BLAS, and added
+    into the block's rows.  lat (M, C), w (F, C, O), out (M, O)."""
+    m, O = out.shape
+    C = lat.shape[1]
+    F = w.shape[0]
+    nblk = (bptr.shape[0] - 1) // F
+    for b in prange(nblk):
+        v0 = b * block
+        v1 = min(m, v0 + block)
+        acc = np.zeros((max(v1 - v0, 0), O), out.dtype)
+        kmax = 0
+        for f in range(F):
+            kmax = max(kmax, bptr[b * F + f + 1] - bptr[b * F + f])
+        buf = np.empty((kmax, C), lat.dtype)
+        for f in range(F):
+            s0 = bptr[b * F + f]
+            k = bptr[b * F + f + 1] - s0
+            if k == 0:
+                continue
+            for i in range(k):
+                u = col[s0 + i]
+                for c in range(C):
+                    buf[i, c] = lat[u, c]
+            res = np.dot(buf[:k], w[f])
+            for i in range(k):
+                r = row[s0 + i] - v0
+                for o in range(O):
+                    acc[r, o] += res[i, o]
+        for i in range(v1 - v0):
+            for o in range(O):
+                out[v0 + i, o] = acc[i, o]
+
+
+@njit(parallel=True, **_JIT)
+def blur_scalar(bptr, row, col, lat, g, out, block):
+    """out[v, c] = Σ_{(f, u) of v} g[f] lat[u, c] (the same taps on every channel)."""
+    m, C = out.shape
+    F = g.shape[0]
+    nblk = (bptr.shape[0] - 1) // F
+    for b in prange(nblk):
+        v0 = b * block
+        v1 = min(m, v0 + block)
+        for v in range(v0, v1):
+            for c in range(C):
+                out[v, c] = 0
+        for f in range(F):
+            gf = g[f]
+            for e in range(bptr[b * F + f], bptr[b * F + f + 1]):
+                v = row[e]
+                u = col[e]
+                for c in range(C):
+                    out[v, c] += gf * lat[u, c]
+
+
+@njit(parallel=True, **_JIT)
+def taps_grad_partial(bptr, row, col, lat, grad, partial, block, per_chunk):
+    """partial[chunk, f] = Σ over the blocks of the chunk of Σ_{(f, u) of v} lat[u]ᵀ grad[v]
+    ((C, O) products by BLAS on gathered rows)."""
+    m, O = grad.shape
+    C = lat.shape[1]
+    F = partial.shape[1]
+    nblk = (bptr.shape[0] - 1) // F
+    nchunk = partial.shape[0]
+    for ch in prange(nchunk):
+        P = partial[ch]
+        P[:] = 0
+        for b in range(ch * per_chunk, min(nblk, (ch + 1) * per_chunk)):
+            kmax = 0
+            for f in range(F):
+                kmax = max(kmax, bptr[b * F + f + 1] - bptr[b * F + f])
+            bl = np.empty((kmax, C), lat.dtype)
+            bg = np.empty((kmax, O), grad.dtype)
+            for f in range(F):
+                s0 = bptr[b * F + f]
+                k = bptr[b * F + f + 1] - s0
+                if k == 0:
+                    continue
+                for i in range(k):
+                    u = col[s0 + i]
+                    v = row[s0 + i]
+                    for c in range(C):
+                        bl[i, c] = lat[u, c]
+                    for o in range(O):
+                        bg[i, o] = grad[v, o]
+                P[f] += np.dot(bl[:k].T, bg[:k])
+
+
+def taps_grad(bptr, row, col, lat, grad, F, block):
+    """(F, C, O) = Σ_v Σ_{(f, u) of v} lat[u] ⊗ grad[v]: partial sums over chunks of blocks in
+    the input dtype, added in float64 (the chunks do not depend on the number of threads)."""
+    nblk = (bptr.shape[0] - 1) // F
+    per_chunk = max(1, _GRAD_CHUNK // block)
+    nchunk = max(1, (nblk + per_chunk - 1) // per_chunk)
+    partial = np.empty((nchunk, F, lat.shape[1], grad.shape[1]), lat.dtype)
+    taps_grad_partial(bptr, row, col, lat, grad, partial, block, per_chunk)
+    return partial.sum(axis=0, dtype=np.float64).astype(lat.dtype)

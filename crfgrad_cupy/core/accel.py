@@ -1,0 +1,37 @@
+"""The optional compiled CPU kernels (numba), chosen automatically.
+
+:func:`kernels` returns the module :mod:`crfgrad_cupy.core._cpu_kernels` when the arrays
+live on the CPU (NumPy), numba imports, and the environment variable ``CRFGRAD_NO_NUMBA``
+is unset (or 0/false/no); otherwise None, and the callers use their vectorised NumPy/CuPy
+code (the reference).  numba is imported here lazily, on the first call, never when the
+package is imported.  The variable is read at every call, so it can be switched at run time.
+"""
+import os
+
+_state = {'tried': False, 'module': None, 'error': None}
+
+
+def enabled():
+    """False when CRFGRAD_NO_NUMBA asks for the NumPy path."""
+    return os.environ.get('CRFGRAD_NO_NUMBA', '').strip().lower() in ('', '0', 'false', 'no', 'off')
+
+
+def available():
+    """True when the compiled kernels import (numba installed and working)."""
+    if not _state['tried']:
+        _state['tried'] = True
+        try:
+            from . import _cpu_kernels
+            _state['module'] = _cpu_kernels
+        except Exception as exc:  # ImportError, or a numba that does not fit this NumPy
+            _state['error'] = exc
+    return _state['module'] is not None
+
+
+def kernels(xp=None):
+    """The compiled kernel module for arrays of ``xp`` (None: NumPy assumed), or None."""
+    if xp is not None and getattr(xp, '__name__', '') != 'numpy':
+        return None
+    if not enabled() or not available():
+        return None
+    return _state['module']
