@@ -444,3 +444,54 @@ def taps_grad(bptr, row, col, lat, grad, F, block):
     partial = np.empty((nchunk, F, lat.shape[1], grad.shape[1]), lat.dtype)
     taps_grad_partial(bptr, row, col, lat, grad, partial, block, per_chunk)
     return partial.sum(axis=0, dtype=np.float64).astype(lat.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# leaky simplex projection (projection.py), arrays viewed as (A, L, B) with the class axis in the
+# middle; every pixel (a, b) is independent.  (The threshold itself stays with NumPy, whose
+# vectorised sort along the class axis is faster than a per-pixel loop here.)
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, **_JIT)
+def simplex_leaky_apply(s, tau, leak, out):
+    """out = z if z > 0 else leak·z with z = s - tau (tau per pixel).  s, out (A, L, B); tau (A, B)."""
+    A, L, B = s.shape
+    nblk = (B + _BLOCK - 1) // _BLOCK
+    for job in prange(A * nblk):
+        a = job // nblk
+        b0 = (job % nblk) * _BLOCK
+        b1 = min(B, b0 + _BLOCK)
+        for i in range(L):
+            for b in range(b0, b1):
+                z = s[a, i, b] - tau[a, b]
+                out[a, i, b] = z if z > 0 else z * leak
+
+
+@njit(parallel=True, **_JIT)
+def simplex_vjp(g, s, tau, rho, leak, rvals, out):
+    """Jᵀg of the leaky projection per pixel (projection.project_simplex_vjp): a_c = 1 if s_c > t
+    else leak; dt/ds_c = 1/rho if s_c > t else 0, or 1/L for all c when rho = L;
+    out_c = a_c g_c - dt/ds_c · Σ_j a_j g_j.  g, s, out (A, L, B); tau (A, B); rho (A, B) int32;
+    rvals (L,) = 1..L in s's dtype."""
+    A, L, B = s.shape
+    nblk = (B + _BLOCK - 1) // _BLOCK
+    for job in prange(A * nblk):
+        a = job // nblk
+        b0 = (job % nblk) * _BLOCK
+        b1 = min(B, b0 + _BLOCK)
+        total = np.zeros(b1 - b0, out.dtype)
+        coef = np.empty(b1 - b0, out.dtype)
+        allact = np.empty(b1 - b0, np.bool_)
+        for b in range(b0, b1):
+            r = rho[a, b]
+            coef[b - b0] = rvals[0] / rvals[r - 1]
+            allact[b - b0] = r == L
+        for i in range(L):
+            for b in range(b0, b1):
+                gv = g[a, i, b]
+                ag = gv if s[a, i, b] > tau[a, b] else leak * gv
+                out[a, i, b] = ag
+                total[b - b0] += ag
+        for i in range(L):
+            for b in range(b0, b1):
+                if allact[b - b0] or s[a, i, b] > tau[a, b]:
+                    out[a, i, b] = out[a, i, b] - coef[b - b0] * total[b - b0]

@@ -861,6 +861,16 @@ class BilateralFilter:
             xT *= self.norm_there[:, None]
         return xT.T
 
+    def backward(self, values, grad, taps, group=1, splatted=None):
+        """(:meth:`adjoint` (grad), :meth:`taps_grad` (values, grad)) sharing the splat of grad."""
+        lat = self.lattice
+        gl = self._grad_lattice(grad)
+        xT = lat._sliceT(lat._blur_adjointT(gl, taps, group), 'in')
+        if self.norm_there is not None:
+            xT *= self.norm_there[:, None]
+        latT = self.splat_input(values) if splatted is None else splatted
+        return xT.T, lat._taps_gradT(latT, gl, group)
+
     def taps_grad(self, values, grad, group=1, splatted=None):
         """Gradient of <grad, apply(values, taps)> w.r.t. taps: (O, C/group, F).
         ``splatted`` may pass :meth:`splat_input` (values) computed earlier."""

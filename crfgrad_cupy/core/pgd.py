@@ -21,7 +21,9 @@ Forward, exactly as the authors' Caffe runs it (x_0 = p is NOT projected):
 
 Backward (BPTT through the T steps, eqs. 14-22): with δ = dL/dx_{t+1},
 γ_t = Jᵀ_proj(s_t) δ;  dθ_i += -γ·dK_i(x_t)/dθ_i[γ_t];  a += -γ·γ_t;  δ <- γ_t - γ·Σ K_iᵀ γ_t;
-finally dL/dp = a·(-w/(p+eps)) + δ and dL/dw = Σ a·(-log(p+eps)).
+finally dL/dp = a·(-w/(p+eps)) + δ and dL/dw = Σ a·(-log(p+eps)).  Terms that provide
+``backward_deferred(q, g) -> (Kᵀg, token)`` and ``param_grad_deferred(tokens)`` (the spatial
+filter) have their parameter gradient summed over the steps in one pass at the end.
 
 Caffe's quirk (``reproduce_caffe_quirks=True``): terms with ``caffe_stale_param_grad`` (the
 bilateral term) get their parameter gradient of EVERY step evaluated with the last
@@ -98,6 +100,17 @@ class BilateralTerm(PairwiseOperator):
             t = f.taps_grad(q[i].reshape(c, h * w), g[i].reshape(o, h * w))
             total = t if total is None else total + t
         return total.astype(q.dtype, copy=False)
+
+    def backward(self, q, g):
+        """(Kᵀ g, dθ) per image with one splat of g shared by both."""
+        n, c, h, w = q.shape
+        o = g.shape[1]
+        dq, total = [], None
+        for i, f in enumerate(self.filters):
+            dx, t = f.backward(q[i].reshape(c, h * w), g[i].reshape(o, h * w), self.taps)
+            dq.append(dx.reshape(c, h, w))
+            total = t if total is None else total + t
+        return self.xp.stack(dq).astype(g.dtype, copy=False), total.astype(q.dtype, copy=False)
 
     def has_self_interaction(self):
         return bool(self.xp.any(self.taps != 0))
@@ -254,6 +267,8 @@ def pgd_backward(cache, top_diff, reproduce_caffe_quirks=False):
     stale = [reproduce_caffe_quirks and getattr(t, 'caffe_stale_param_grad', False) for t in terms]
     grads = [None] * len(terms)
     stale_sum = [None] * len(terms)
+    deferred = [not stale[i] and hasattr(t, 'backward_deferred') for i, t in enumerate(terms)]
+    tokens = [[] for _ in terms]
     delta = top_diff
     acc_u = xp.zeros_like(top_diff)
     for t in range(T - 1, -1, -1):
@@ -264,6 +279,9 @@ def pgd_backward(cache, top_diff, reproduce_caffe_quirks=False):
             if stale[i]:
                 dq = term.adjoint(gam)
                 stale_sum[i] = gam if stale_sum[i] is None else stale_sum[i] + gam
+            elif deferred[i]:
+                dq, tok = term.backward_deferred(x_t, gam)
+                tokens[i].append(tok)
             else:
                 dq, dth = term.backward(x_t, gam)
                 grads[i] = neg_step * dth if grads[i] is None else grads[i] + neg_step * dth
@@ -271,10 +289,12 @@ def pgd_backward(cache, top_diff, reproduce_caffe_quirks=False):
         acc_u = acc_u + neg_step * gam
         delta = gam if back is None else gam + neg_step * back
     if T > 0:
-        x_last = state(cache, T - 1)
+        x_last = state(cache, T - 1) if any(stale) else None
         for i, term in enumerate(terms):
             if stale[i]:
                 grads[i] = neg_step * term.param_grad(x_last, stale_sum[i])
+            elif deferred[i]:
+                grads[i] = neg_step * term.param_grad_deferred(tokens[i])
     dp = unary_grad_z(acc_u, cache.p, cache.unary_weight, cache.log_eps) + delta
     dw = unary_grad_w(acc_u, cache.p, cache.log_eps)
     return {'p': dp, 'unary_weight': dw, 'terms': grads}

@@ -12,7 +12,10 @@ leak = 0 is the exact Euclidean projection (Chen & Ye); leak > 0 is the paper's 
 """
 from collections import namedtuple
 
+import numpy as np
+
 from .. import backend
+from . import accel
 
 ProjectionInfo = namedtuple('ProjectionInfo', ['tau', 'rho'])
 ProjectionInfo.__doc__ = """What the VJP needs besides the input: ``tau`` (the threshold t) and ``rho``
@@ -40,9 +43,38 @@ def simplex_threshold(s, axis=0):
     return xp.moveaxis(tau, -1, axis), xp.moveaxis(rho, -1, axis)
 
 
+def _three_axes(shape, axis):
+    """(A, L, B) of ``shape`` with the projection axis in the middle."""
+    axis = axis % len(shape)
+    a = int(np.prod(shape[:axis], dtype=np.int64))
+    return a, int(shape[axis]), int(np.prod(shape[axis + 1:], dtype=np.int64))
+
+
+def _compiled(xp, s, axis=None):
+    """The compiled kernels for float NumPy arrays (None: use the array code)."""
+    K = accel.kernels(xp)
+    if K is None or s.dtype not in (np.float32, np.float64) or s.ndim == 0:
+        return None
+    return K
+
+
+def _kept_shape(shape, axis):
+    axis = axis % len(shape)
+    return shape[:axis] + (1,) + shape[axis + 1:]
+
+
 def leaky_apply(s, tau, leak):
     """Step 4 given the threshold: z = s - tau; z if z > 0 else leak·z."""
     xp = backend.get_array_module(s)
+    K = _compiled(xp, s)
+    if K is not None and tau.ndim == s.ndim:
+        axes = [i for i in range(s.ndim) if tau.shape[i] != s.shape[i]]
+        if len(axes) == 1 and tau.shape[axes[0]] == 1:
+            A, L, B = _three_axes(s.shape, axes[0])
+            s3 = np.ascontiguousarray(s).reshape(A, L, B)
+            out = np.empty_like(s3)
+            K.simplex_leaky_apply(s3, np.ascontiguousarray(tau, dtype=s.dtype).reshape(A, B), s.dtype.type(leak), out)
+            return out.reshape(s.shape)
     z = s - tau
     return xp.where(z > 0, z, z * s.dtype.type(leak))
 
@@ -62,6 +94,16 @@ def project_simplex_vjp(g, s, info, leak, axis=0):
     xp = backend.get_array_module(s, g)
     L = s.shape[axis]
     dt = s.dtype.type
+    K = _compiled(xp, s)
+    if K is not None and g.shape == s.shape:
+        A, _, B = _three_axes(s.shape, axis)
+        s3 = np.ascontiguousarray(s).reshape(A, L, B)
+        g3 = np.ascontiguousarray(g, dtype=s.dtype).reshape(A, L, B)
+        out = np.empty_like(s3)
+        K.simplex_vjp(g3, s3, np.ascontiguousarray(info.tau, dtype=s.dtype).reshape(A, B),
+                      np.ascontiguousarray(info.rho, dtype=np.int32).reshape(A, B), dt(leak),
+                      np.arange(1, L + 1).astype(s.dtype), out)
+        return out.reshape(s.shape)
     active = s > info.tau
     a = xp.where(active, dt(1), dt(leak))
     ag = a * g

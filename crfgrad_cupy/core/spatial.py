@@ -12,17 +12,25 @@ and ``weight_grad`` (d<g, S(q)>/dW).  Two equivalent paths compute them:
 * direct: a sum over the k taps of one row (ky) of batched matrix products on
   shifted views of the zero-padded input (k matmuls with inner size C·k);
   cost ~ 2·k²·C·O·H·W flops;
-* FFT: the linear correlation is a circular one on a grid padded to
-  (H + p, W + p) (rounded up to a 2/3/5/7-smooth size), so
-  ``S(q) = crop(irfft2(K̂ · rfft2(q)))`` with one complex (O×C) product per
-  frequency.  The kernel transform K̂ is computed once per :class:`SpatialFilter`
-  and reused by every apply/adjoint of all T steps and the backward pass.
+* FFT (overlap-save): the image is cut into tiles of th×tw output pixels; the
+  window of (th + 2p)×(tw + 2p) input pixels of a tile, zero-padded to a 2/3/5/7-smooth
+  period Ph×Pw, gives the tile's output exactly as a circular correlation, so
+  ``S(q) = assemble(irfft2(K̂ · rfft2(windows(q))))`` with one complex (O×C)·(C×tiles)
+  product per frequency.  The tiles (periods at most _MAX_PERIOD) keep the kernel
+  transform K̂ small (it stays in cache and is reused by every tile) and make the
+  per-frequency products matrix products over the tiles.  K̂ (and the one of the flipped
+  bank for Sᵀ) is computed once per :class:`SpatialFilter` and reused by every
+  apply/adjoint of all T steps and the backward pass; the filter gradient sums the
+  per-frequency products of all calls and inverts them once at the k×k lags.
 
 ``method='auto'`` picks the cheaper one from a flop estimate (FFT for large k·C).
 Everything runs on NumPy or CuPy (``xp.fft``); the dtype of the inputs is kept
 (float32 → complex64 transforms, float64 → complex128).
 """
 import math
+import os
+
+import numpy as np
 
 from .. import backend
 
@@ -60,10 +68,11 @@ def choose_method(num_in, num_out, k, height, width, batch=1):
         return 'direct'
     hw = height * width
     direct = 2.0 * k * k * num_in * num_out * hw * batch * _DIRECT_FLOP_WEIGHT
-    ph, pw = _fft_grid(height, width, k)
-    pts = ph * pw
-    ffts = (num_in + num_out) * batch * _FFT_COST * pts * math.log2(max(pts, 2))
-    products = 8.0 * num_in * num_out * batch * ph * (pw // 2 + 1)
+    tiling = _Tiling(height, width, k)
+    pts = tiling.ph * tiling.pw
+    tiles = tiling.ny * tiling.nx * batch
+    ffts = (num_in + num_out) * tiles * _FFT_COST * pts * math.log2(max(pts, 2))
+    products = 8.0 * num_in * num_out * tiles * tiling.ph * (tiling.pw // 2 + 1)
     return 'fft' if ffts + products < direct else 'direct'
 
 
@@ -127,27 +136,126 @@ def direct_weight_grad(q, g, k):
 # ---------------------------------------------------------------------------------------------
 # FFT path
 # ---------------------------------------------------------------------------------------------
+# largest FFT period of a tile along one axis (larger images are cut into several tiles)
+_MAX_PERIOD = 128
+
+
 def _fft_grid(h, w, k):
-    # a period of at least size + p keeps the wrap-around in the zero padding; at least k keeps the
-    # k taps on distinct grid points
+    """One period covering a whole image: at least size + p keeps the wrap-around in the zero
+    padding, at least k keeps the k taps on distinct grid points (see :func:`kernel_transform`)."""
     p = k // 2
     return _good_size(max(h + p, k)), _good_size(max(w + p, k))
 
 
-def kernel_transform(weights, height, width):
-    """rfft2 of the bank placed for circular convolution on the padded grid, frequency-major:
-    (Ph, Pw//2+1, O, C) (the layout of the per-frequency products)."""
+def _tile_axis(size, k):
+    """(tile, period, count) along one axis: ``count`` tiles of ``tile`` output pixels whose windows
+    of tile + 2p pixels fit the smooth ``period``; the least padded work count·period among the
+    periods up to _MAX_PERIOD (ties: the smaller period), or one tile when that is smaller."""
+    p = k // 2
+    single = _good_size(size + 2 * p)
+    best = (single, single, size, 1) if single <= _MAX_PERIOD else None
+    period = _good_size(2 * p + 1)
+    while period <= min(_MAX_PERIOD, single):
+        tile = period - 2 * p
+        count = -(-size // tile)
+        tile = -(-size // count)                       # the same count with balanced tiles
+        cand = (count * period, period, tile, count)
+        if best is None or cand[:2] < best[:2]:
+            best = cand
+        period = _good_size(period + 1)
+    _, period, tile, count = best
+    return tile, period, count
+
+
+class _Tiling:
+    """Overlap-save tiling of an H×W image for a k×k bank: ny×nx tiles of th×tw output pixels,
+    periods Ph×Pw >= (th + 2p)×(tw + 2p)."""
+
+    def __init__(self, height, width, k):
+        self.k = k
+        self.p = k // 2
+        self.th, self.ph, self.ny = _tile_axis(height, k)
+        self.tw, self.pw, self.nx = _tile_axis(width, k)
+        self.height, self.width = height, width
+
+    @property
+    def pf(self):
+        return self.pw // 2 + 1
+
+    def windows(self, xp, a):
+        """a (N, C, H, W) -> (C, N·ny·nx, Ph, Pw): the input window of every tile (the image
+        zero-padded by p; window (i, j) starts at padded row i·th, column j·tw), channel-major."""
+        n, c, h, w = a.shape
+        th, tw, ph, pw, p = self.th, self.tw, self.ph, self.pw, self.p
+        pad = xp.zeros((c, n, (self.ny - 1) * th + ph, (self.nx - 1) * tw + pw), dtype=a.dtype)
+        pad[:, :, p:p + h, p:p + w] = a.transpose(1, 0, 2, 3)
+        if self.ny == 1 and self.nx == 1:
+            return pad.reshape(c, n, ph, pw)
+        out = xp.empty((c, n, self.ny, self.nx, ph, pw), dtype=a.dtype)
+        for i in range(self.ny):
+            for j in range(self.nx):
+                out[:, :, i, j] = pad[:, :, i * th:i * th + ph, j * tw:j * tw + pw]
+        return out.reshape(c, n * self.ny * self.nx, ph, pw)
+
+    def cores(self, xp, a):
+        """a (N, C, H, W) -> (C, N·ny·nx, th, tw): the output pixels of every tile (zero beyond
+        the image), channel-major."""
+        n, c, h, w = a.shape
+        th, tw = self.th, self.tw
+        pad = xp.zeros((c, n, self.ny * th, self.nx * tw), dtype=a.dtype)
+        pad[:, :, :h, :w] = a.transpose(1, 0, 2, 3)
+        t = pad.reshape(c, n, self.ny, th, self.nx, tw).transpose(0, 1, 2, 4, 3, 5)
+        return xp.ascontiguousarray(t).reshape(c, n * self.ny * self.nx, th, tw)
+
+    def assemble(self, xp, t, n):
+        """(O, N·ny·nx, >=th, >=tw) tile outputs -> (N, O, H, W)."""
+        o = t.shape[0]
+        t = t[..., :self.th, :self.tw].reshape(o, n, self.ny, self.nx, self.th, self.tw)
+        full = t.transpose(1, 0, 2, 4, 3, 5).reshape(n, o, self.ny * self.th, self.nx * self.tw)
+        return xp.ascontiguousarray(full[:, :, :self.height, :self.width])
+
+    def rfft(self, xp, a):
+        """rfft2 over the last two axes on the Ph×Pw period (zero-padding smaller tiles)."""
+        return _fft(xp).rfft2(a, s=(self.ph, self.pw), axes=(-2, -1), **_fft_options(xp))
+
+    def irfft(self, xp, a):
+        return _fft(xp).irfft2(a, s=(self.ph, self.pw), axes=(-2, -1), **_fft_options(xp))
+
+
+def _tap_dft(xp, k, period, nfreq, cdtype, offset):
+    """(k, nfreq): exp(-2πi·pos(j)·f/period) for the k taps j placed at pos(j) = (offset - j) mod
+    period (the phase reduced exactly in integers before the float64 exponential)."""
+    pos = (offset - np.arange(k)) % period
+    phase = np.outer(pos, np.arange(nfreq)) % period
+    return xp.asarray(np.exp(-2j * np.pi * phase / period).astype(cdtype))
+
+
+def _bank_transform(weights, ph, pw, offset):
+    """rfft2 of the bank with tap (ky, kx) at ((offset - ky) mod Ph, (offset - kx) mod Pw),
+    frequency-major (Ph, Pw//2+1, O, C).  Only k rows and k columns of the padded bank are
+    non-zero, so the 2-D DFT is two small products with partial DFT matrices (along x, then along
+    y into the frequency-major layout) instead of O·C full transforms."""
     xp = backend.get_array_module(weights)
     k = _check_weights(weights)
-    p = k // 2
-    ph, pw = _fft_grid(height, width, k)
+    pf = pw // 2 + 1
     o, c = weights.shape[:2]
-    # out[y] = Σ_ky W[ky] q[y + ky - p] = Σ_j h[j] q[y - j] with h[j] = W[p - j]: tap ky at (p - ky) mod P
-    kern = xp.zeros((ph, pw, o, c), dtype=weights.dtype)
-    iy = (p - xp.arange(k)) % ph
-    ix = (p - xp.arange(k)) % pw
-    kern[iy[:, None], ix[None, :]] = weights.transpose(2, 3, 0, 1)
-    return _fft(xp).rfft2(kern, axes=(0, 1))
+    cdtype = np.result_type(weights.dtype, np.complex64)
+    ex = _tap_dft(xp, k, pw, pf, cdtype, offset)                       # (kx, Pf)
+    ey = _tap_dft(xp, k, ph, ph, cdtype, offset).T                     # (Ph, ky)
+    kx = xp.matmul(weights.astype(cdtype).reshape(o * c * k, k), ex)   # (O·C·ky, Pf)
+    kx = xp.ascontiguousarray(kx.reshape(o, c, k, pf).transpose(2, 3, 0, 1)).reshape(k, pf * o * c)
+    return xp.matmul(ey, kx).reshape(ph, pf, o, c)
+
+
+def kernel_transform(weights, height, width):
+    """rfft2 of the bank placed for circular convolution on the whole-image grid
+    :func:`_fft_grid`, frequency-major: (Ph, Pw//2+1, O, C).
+
+    out[y] = Σ_ky W[ky] q[y + ky - p] = Σ_j h[j] q[y - j] with h[j] = W[p - j]: tap ky sits at
+    (p - ky) mod P."""
+    k = _check_weights(weights)
+    ph, pw = _fft_grid(height, width, k)
+    return _bank_transform(weights, ph, pw, k // 2)
 
 
 def _fft(xp):
@@ -162,61 +270,135 @@ def _fft(xp):
     return xp.fft
 
 
+def _fft_options(xp):
+    """scipy.fft runs its transforms on all CPU cores (workers); cupy.fft takes no such option."""
+    if xp.__name__ == 'numpy' and _fft(xp) is not np.fft:
+        return {'workers': os.cpu_count() or 1}
+    return {}
+
+
 def _rfft(xp, a, ph, pw):
-    return _fft(xp).rfft2(a, s=(ph, pw), axes=(2, 3))
+    return _fft(xp).rfft2(a, s=(ph, pw), axes=(2, 3), **_fft_options(xp))
 
 
 def _irfft(xp, a, ph, pw, h, w, dtype):
-    return xp.ascontiguousarray(_fft(xp).irfft2(a, s=(ph, pw), axes=(2, 3))[:, :, :h, :w]).astype(dtype, copy=False)
+    full = _fft(xp).irfft2(a, s=(ph, pw), axes=(2, 3), **_fft_options(xp))
+    return xp.ascontiguousarray(full[:, :, :h, :w]).astype(dtype, copy=False)
 
 
-def _freq_major(xp, khat, conj=False):
-    """Kernel transform (Ph, Pf, O, C) as (F, O, C), or conjugated and transposed (F, C, O)."""
+def _freq_major(xp, khat):
+    """Kernel transform (Ph, Pf, O, C) as (F, O, C)."""
     ph, pf, o, c = khat.shape
-    kf = khat.reshape(ph * pf, o, c)
-    if conj:
-        return xp.ascontiguousarray(xp.conj(kf).transpose(0, 2, 1))
-    return kf
+    return khat.reshape(ph * pf, o, c)
 
 
-def _freq_mix(xp, kf, xhat):
-    """Per frequency f: kf[f] (out, in) @ xhat[:, :, f] (in, N).  xhat (N, in, Ph, Pf) -> (N, out, Ph, Pf)."""
+def _freq_mix(xp, kf, xhat, adjoint=False):
+    """Per frequency f: kf[f] (out, in) @ xhat[:, :, f] (in, N), or with ``adjoint`` the conjugate
+    transpose kf[f]^H (in, out) @ xhat[:, :, f] (out, N), computed as conj(kf[f]^T conj(x̂)) so
+    that no conjugated copy of the kernel transform is kept.  xhat (N, ·, Ph, Pf)."""
     n, cin, ph, pf = xhat.shape
-    xf = xhat.reshape(n, cin, ph * pf).transpose(2, 1, 0)             # (F, in, N)
-    yf = xp.matmul(kf, xf)                                             # (F, out, N)
-    return yf.transpose(2, 1, 0).reshape(n, kf.shape[1], ph, pf)
+    xf = xhat.reshape(n, cin, ph * pf).transpose(2, 1, 0)             # (F, ·, N)
+    if adjoint:
+        yf = xp.conj(xp.matmul(kf.transpose(0, 2, 1), xp.conj(xf)))   # (F, C, N)
+    else:
+        yf = xp.matmul(kf, xf)                                         # (F, O, N)
+    return yf.transpose(2, 1, 0).reshape(n, yf.shape[1], ph, pf)
 
 
-def _partial_inverse_weights(xp, k, ph, pw, cdtype):
-    """Inverse-DFT rows for the lags l = -p..p only: A (k, Ph) along y (full spectrum) and
-    B (Pf, k) along x (half spectrum, irfft's weights: 1 for DC and Nyquist, 2 otherwise)."""
-    import numpy as np
+def _transpose2(xp, a):
+    """(R, S) -> contiguous (S, R).  NumPy with R > S: in blocks of 64 rows (a plain transposing
+    copy of a tall array strides through memory and is several times slower)."""
+    r, s = a.shape
+    if xp.__name__ != 'numpy' or r <= s:
+        return xp.ascontiguousarray(a.T)
+    out = xp.empty((s, r), dtype=a.dtype)
+    for i in range(0, r, 64):
+        out[:, i:i + 64] = a[i:i + 64].T
+    return out
+
+
+def _freq_first(xp, ahat):
+    """(C, T, Ph, Pf) tile transforms -> frequency-major (F, C, T)."""
+    c, t, ph, pf = ahat.shape
+    return _transpose2(xp, ahat.reshape(c * t, ph * pf)).reshape(ph * pf, c, t)
+
+
+def _tile_mix(xp, kf, xhat):
+    """Per frequency: kf[f] (O, C) @ the C×tiles transforms.  xhat (C, T, Ph, Pf) -> (O, T, Ph, Pf)."""
+    c, t, ph, pf = xhat.shape
+    yf = xp.matmul(kf, _freq_first(xp, xhat))                          # (F, O, T)
+    o = yf.shape[1]
+    return _transpose2(xp, yf.reshape(ph * pf, o * t)).reshape(o, t, ph, pf)
+
+
+def _tile_corr(xp, qhat, ghat):
+    """Σ over the tiles (of all images) of ĝ[f] conj(q̂[f])ᵀ: (F, O, C) per frequency.  qhat
+    (C, T, Ph, Pf) of the tile cores, ghat (O, T, Ph, Pf) of the windows."""
+    gf = _freq_first(xp, ghat)                                         # (F, O, T)
+    qf = xp.conj(_freq_first(xp, qhat))                                # (F, C, T)
+    return xp.matmul(gf, qf.transpose(0, 2, 1))
+
+
+def _partial_inverse_weights(xp, k, ph, pw, cdtype, lags=None):
+    """Inverse-DFT rows for the given lags only (default -p..p): A (k, Ph) along y (full spectrum)
+    and B (Pf, k) along x (half spectrum, irfft's weights: 1 for DC and Nyquist, 2 otherwise)."""
     p = k // 2
-    lags = np.arange(k) - p
+    lags = np.arange(k) - p if lags is None else np.asarray(lags)
     fy = np.arange(ph)
-    A = np.exp(2j * np.pi * np.outer(lags, fy) / ph) / ph
+    A = np.exp(2j * np.pi * (np.outer(lags, fy) % ph) / ph) / ph
     pf = pw // 2 + 1
     fx = np.arange(pf)
     wx = np.full(pf, 2.0)
     wx[0] = 1.0
     if pw % 2 == 0:
         wx[-1] = 1.0
-    B = (wx[:, None] * np.exp(2j * np.pi * np.outer(fx, lags) / pw)) / pw
+    B = (wx[:, None] * np.exp(2j * np.pi * (np.outer(fx, lags) % pw) / pw)) / pw
     return xp.asarray(A.astype(cdtype)), xp.asarray(B.astype(cdtype))
 
 
+def _corr_to_weight_grad(xp, r, tiling, dtype):
+    """r (F, O, C) = Σ ĝ conj(q̂) over the tiles -> dW (O, C, k, k).  The correlation
+    Σ_s q_core[s] g_window[s + L] at the lags L = 0..k-1 (no wrap-around: s + L < Ph) is
+    dW[.., ky, kx] at L = 2p - ky, 2p - kx; two small products (a partial inverse DFT)."""
+    k = tiling.k
+    ph, pw, pf = tiling.ph, tiling.pw, tiling.pf
+    o, c = r.shape[1:]
+    lags = 2 * tiling.p - np.arange(k)
+    A, B = _partial_inverse_weights(xp, k, ph, pw, r.dtype, lags)
+    t = xp.matmul(A, r.reshape(ph, pf * o * c)).reshape(k, pf, o * c)  # inverse along y
+    corr = xp.matmul(B.T[None], t).real                                # (k, k, O·C): along x
+    return xp.ascontiguousarray(corr.reshape(k, k, o, c).transpose(2, 3, 0, 1)).astype(dtype, copy=False)
+
+
+# rows of the frequency grid per block of the weight gradient (bounds its (rows, Pf, O, C) buffer)
+_WGRAD_BLOCK_BYTES = 32 << 20
+
+
 def fft_weight_grad_from_hats(xp, qhat, ghat, k, ph, pw, dtype):
-    """dW from the transforms of q (N, C, ...) and g (N, O, ...): the circular cross-correlation
-    corr[o, c, l] = Σ_{n,y} g[n, o, y] q[n, c, y + l] at the k×k lags |l| <= p only, as two small
-    matrix products (a partial inverse DFT) instead of O·C full inverse transforms."""
-    n, c, _, pf = qhat.shape
-    o = ghat.shape[1]
-    gf = xp.conj(ghat).reshape(n, o, ph * pf).transpose(2, 1, 0)      # (F, O, N)
-    qf = qhat.reshape(n, c, ph * pf).transpose(2, 0, 1)               # (F, N, C)
-    r = xp.matmul(gf, qf).reshape(ph, pf * o * c)                     # Σ_n conj(ĝ) q̂, (Ph, Pf·O·C)
-    A, B = _partial_inverse_weights(xp, k, ph, pw, r.dtype)
-    t = xp.matmul(A, r).reshape(k, pf, o * c)                          # inverse along y at k lags
-    corr = xp.matmul(B.T[None], t).real                                # (k, k, O·C): along x, real part
+    """dW from the whole-image transforms (:func:`_fft_grid`) of q (N, C, ...) and g (N, O, ...):
+    the circular cross-correlation corr[o, c, l] = Σ_{n,y} g[n, o, y] q[n, c, y + l] at the k×k lags
+    |l| <= p only, as two small matrix products (a partial inverse DFT) instead of O·C full inverse
+    transforms; the per-frequency sums are formed block by block of frequency rows.  ``qhat`` and
+    ``ghat`` may also be lists of such arrays (concatenated along N block by block)."""
+    qs = list(qhat) if isinstance(qhat, (list, tuple)) else [qhat]
+    gs = list(ghat) if isinstance(ghat, (list, tuple)) else [ghat]
+    n = sum(int(a.shape[0]) for a in qs)
+    c, _, pf = qs[0].shape[1:]
+    o = gs[0].shape[1]
+    cdtype = np.result_type(qs[0].dtype, gs[0].dtype)
+    A, B = _partial_inverse_weights(xp, k, ph, pw, cdtype)
+    rows = max(1, min(ph, _WGRAD_BLOCK_BYTES // max(1, pf * o * c * np.dtype(cdtype).itemsize)))
+    t = None
+    for y0 in range(0, ph, rows):
+        y1 = min(ph, y0 + rows)
+        gb = xp.concatenate([a[:, :, y0:y1] for a in gs], axis=0) if len(gs) > 1 else gs[0][:, :, y0:y1]
+        qb = xp.concatenate([a[:, :, y0:y1] for a in qs], axis=0) if len(qs) > 1 else qs[0][:, :, y0:y1]
+        gb = xp.conj(gb).transpose(2, 3, 1, 0).reshape((y1 - y0) * pf, o, n)
+        qb = qb.transpose(2, 3, 0, 1).reshape((y1 - y0) * pf, n, c)
+        r = xp.matmul(gb, qb).reshape(y1 - y0, pf * o * c)            # Σ_n conj(ĝ) q̂ on these rows
+        part = xp.matmul(A[:, y0:y1], r)                               # inverse along y at k lags
+        t = part if t is None else t + part
+    corr = xp.matmul(B.T[None], t.reshape(k, pf, o * c)).real          # (k, k, O·C): along x, real part
     return xp.ascontiguousarray(corr.reshape(k, k, o, c).transpose(2, 3, 0, 1)).astype(dtype, copy=False)
 
 
@@ -226,8 +408,9 @@ def fft_weight_grad_from_hats(xp, qhat, ghat, k, ph, pw, dtype):
 class SpatialFilter:
     """The spatial operator S for a fixed bank ``weights`` (O, C, k, k) on H×W images.
 
-    ``method`` 'auto' | 'direct' | 'fft'.  With FFT the kernel transform is computed
-    here once and reused by every call.  All maps take batched (N, ·, H, W) arrays.
+    ``method`` 'auto' | 'direct' | 'fft'.  With FFT the kernel transforms (of the bank and of
+    its flipped transpose) are computed here once, for the tile periods, and reused by every
+    call.  All maps take batched (N, ·, H, W) arrays.
     """
 
     def __init__(self, weights, height, width, method='auto'):
@@ -241,12 +424,17 @@ class SpatialFilter:
         if method not in ('direct', 'fft'):
             raise ValueError("method must be 'auto', 'direct' or 'fft', got %r" % (method,))
         self.method = method
-        self.grid = _fft_grid(self.height, self.width, self.k)
+        self.tiling = _Tiling(self.height, self.width, self.k)
+        self.grid = (self.tiling.ph, self.tiling.pw)
         self._kf = self._kf_adj = None
         if method == 'fft':
-            khat = kernel_transform(weights, self.height, self.width)
-            self._kf = _freq_major(self.xp, khat)
-            self._kf_adj = _freq_major(self.xp, khat, conj=True)
+            xp = self.xp
+            ph, pw = self.grid
+            # correlation on a window: tap ky at (-ky) mod Ph; Sᵀ is the correlation with the flipped,
+            # transposed bank
+            self._kf = _freq_major(xp, _bank_transform(weights, ph, pw, 0))
+            flipped = xp.ascontiguousarray(weights[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            self._kf_adj = _freq_major(xp, _bank_transform(flipped, ph, pw, 0))
 
     # radius of interaction in pixels (Chebyshev distance), used by the rounding schedule
     @property
@@ -265,25 +453,30 @@ class SpatialFilter:
         if a.ndim != 4 or a.shape[1] != channels or a.shape[2:] != (self.height, self.width):
             raise ValueError('expected (N, %d, %d, %d), got %s' % (channels, self.height, self.width, a.shape))
 
+    def _tiled(self, kf, ahat, n, dtype):
+        xp, t = self.xp, self.tiling
+        return t.assemble(xp, t.irfft(xp, _tile_mix(xp, kf, ahat)), n).astype(dtype, copy=False)
+
     def apply(self, q):
         """S(q): (N, C, H, W) -> (N, O, H, W)."""
         self._check(q, self.num_in)
         if self.method == 'direct':
             return direct_apply(q, self.weights)
-        xp = self.xp
-        ph, pw = self.grid
-        yhat = _freq_mix(xp, self._kf, _rfft(xp, q, ph, pw))
-        return _irfft(xp, yhat, ph, pw, self.height, self.width, q.dtype)
+        xp, t = self.xp, self.tiling
+        return self._tiled(self._kf, t.rfft(xp, t.windows(xp, q)), q.shape[0], q.dtype)
 
     def adjoint(self, g):
         """Sᵀ(g): (N, O, H, W) -> (N, C, H, W)."""
         self._check(g, self.num_out)
         if self.method == 'direct':
             return direct_adjoint(g, self.weights)
-        xp = self.xp
-        ph, pw = self.grid
-        yhat = _freq_mix(xp, self._kf_adj, _rfft(xp, g, ph, pw))
-        return _irfft(xp, yhat, ph, pw, self.height, self.width, g.dtype)
+        xp, t = self.xp, self.tiling
+        return self._tiled(self._kf_adj, t.rfft(xp, t.windows(xp, g)), g.shape[0], g.dtype)
+
+    def _corr(self, q, ghat):
+        """Σ over images and tiles of ĝ conj(q̂) per frequency, q̂ of the tile cores of q."""
+        xp, t = self.xp, self.tiling
+        return _tile_corr(xp, t.rfft(xp, t.cores(xp, q)), ghat)
 
     def weight_grad(self, q, g):
         """d<g, S(q)>/dW: q (N, C, H, W), g (N, O, H, W) -> (O, C, k, k)."""
@@ -291,24 +484,41 @@ class SpatialFilter:
         self._check(g, self.num_out)
         if self.method == 'direct':
             return direct_weight_grad(q, g, self.k)
-        xp = self.xp
-        ph, pw = self.grid
-        return fft_weight_grad_from_hats(xp, _rfft(xp, q, ph, pw), _rfft(xp, g, ph, pw), self.k, ph, pw, q.dtype)
+        xp, t = self.xp, self.tiling
+        r = self._corr(q, t.rfft(xp, t.windows(xp, g)))
+        return _corr_to_weight_grad(xp, r, t, np.result_type(q.dtype, g.dtype))
 
     param_grad = weight_grad
 
     def backward(self, q, g):
         """(Sᵀ g, d<g, S(q)>/dW), sharing the transform of g on the FFT path."""
-        if self.method == 'direct':
-            return direct_adjoint(g, self.weights), direct_weight_grad(q, g, self.k)
+        dq, token = self.backward_deferred(q, g)
+        return dq, self.param_grad_deferred([token])
+
+    def backward_deferred(self, q, g):
+        """(Sᵀ g, token): the parameter gradient of this pair is left for :meth:`param_grad_deferred`,
+        which sums the tokens of several calls (e.g. all PGD steps) and finishes them in one pass.
+        On the FFT path the token is the per-frequency sum of ĝ conj(q̂) over the tiles ((F, O, C),
+        small); the transform of g is shared with the adjoint."""
         self._check(q, self.num_in)
         self._check(g, self.num_out)
+        if self.method == 'direct':
+            return direct_adjoint(g, self.weights), (q, g)
+        xp, t = self.xp, self.tiling
+        ghat = t.rfft(xp, t.windows(xp, g))
+        dq = self._tiled(self._kf_adj, ghat, g.shape[0], g.dtype)
+        return dq, (self._corr(q, ghat), np.result_type(q.dtype, g.dtype))
+
+    def param_grad_deferred(self, tokens):
+        """Σ over the tokens of :meth:`backward_deferred` of d<g, S(q)>/dW: (O, C, k, k)."""
         xp = self.xp
-        ph, pw = self.grid
-        ghat = _rfft(xp, g, ph, pw)
-        dq = _irfft(xp, _freq_mix(xp, self._kf_adj, ghat), ph, pw, self.height, self.width, g.dtype)
-        dw = fft_weight_grad_from_hats(xp, _rfft(xp, q, ph, pw), ghat, self.k, ph, pw, q.dtype)
-        return dq, dw
+        if self.method == 'direct':
+            return direct_weight_grad(xp.concatenate([t[0] for t in tokens], axis=0),
+                                      xp.concatenate([t[1] for t in tokens], axis=0), self.k)
+        r = tokens[0][0]
+        for tok in tokens[1:]:
+            r = r + tok[0]
+        return _corr_to_weight_grad(xp, r, self.tiling, tokens[0][1])
 
 
 def spatial_filter(q, weights, method='auto'):
@@ -328,5 +538,6 @@ def spatial_filter_weight_grad(q, g, k, method='auto'):
         method = choose_method(c, g.shape[1], k, h, w)
     if method == 'direct':
         return direct_weight_grad(q, g, k)
-    ph, pw = _fft_grid(h, w, k)
-    return fft_weight_grad_from_hats(xp, _rfft(xp, q, ph, pw), _rfft(xp, g, ph, pw), k, ph, pw, q.dtype)
+    t = _Tiling(h, w, k)
+    r = _tile_corr(xp, t.rfft(xp, t.cores(xp, q)), t.rfft(xp, t.windows(xp, g)))
+    return _corr_to_weight_grad(xp, r, t, np.result_type(q.dtype, g.dtype))
