@@ -1,17 +1,17 @@
-"""Numba kernels for the CPU (NumPy) path: permutohedral lattice, simplex projection, and the
-per-frequency products of the spatial filter.
+"""Numba kernels for the CPU (NumPy) path: permutohedral lattice, leaky simplex projection.
 
-This module imports numba at its top, so it is imported lazily (see :func:`get`) and only
+This module imports numba at its top, so it is imported lazily (see :mod:`.accel`) and only
 when numba is installed and the environment variable ``CRFGRAD_NO_NUMBA`` is not set to a
-true value.  Every kernel has a vectorised NumPy/CuPy counterpart in lattice.py,
-projection.py and spatial.py (the reference and the fallback); tests/test_speed_equivalence.py
-compares the two.
+true value.  Every kernel has a vectorised NumPy/CuPy counterpart in lattice.py and
+projection.py (the reference and the fallback); tests/test_speed_equivalence.py compares them.
 
-Layouts: lattice values are vertex-major (M, C), point values point-major (n, C); the tap
-structure is a CSR over vertices ``ptr`` (M+1,), ``tap`` (nnz,) tap index f, ``nbr`` (nnz,)
-vertex read by that tap (only taps whose walk stays on the lattice; tap 0 = the vertex
-itself comes first in every row, the taps of a row are in increasing f).  Parallel loops
-run over fixed-size blocks, so results do not depend on the number of threads.
+Layouts: lattice values are vertex-major (M, C); point values channel-first (C, n).  Lattice
+construction: per-point simplex (parallel), a sequential open-addressing hash table of the
+vertex keys (vertices numbered in order of first appearance, as Caffe), immediate neighbours
+by hash look-ups (M+1, d+1).  The taps of Caffe's walk are kept per block of vertices and per
+tap (``bptr``, ``row`` = v, ``col`` = nbr_f(v)), so the learned-tap blur is, per block and
+tap, a gather of rows, one small BLAS product with W_f and an add into the block's rows.
+Parallel loops run over fixed-size blocks, so results do not depend on the number of threads.
 """
 import numpy as np
 from numba import njit, prange
@@ -61,10 +61,9 @@ def lattice_points(feat, scale, jvals, down32, down_d, zero, rem0, rank, bary):
                 rk[i] = 0
             for i in range(d):
                 for j in range(i + 1, dp1):
-                    if res[i] < res[j]:
-                        rk[i] += 1
-                    else:
-                        rk[j] += 1
+                    less = res[i] < res[j]
+                    rk[i] += less
+                    rk[j] += 1 - less
             for i in range(dp1):
                 r = rk[i] + total
                 if r < 0:
@@ -119,6 +118,17 @@ def hash_vertices(rem0, rank, cap_bits):
     key = np.empty(max(d, 1), np.int64)
     m = 0
     for k in range(n):
+        if k > 0:
+            # neighbouring pixels often share their simplex: reuse the previous point's vertices
+            same_simplex = True
+            for i in range(dp1):
+                if rem0[k, i] != rem0[k - 1, i] or rank[k, i] != rank[k - 1, i]:
+                    same_simplex = False
+                    break
+            if same_simplex:
+                for r in range(dp1):
+                    vertex[k, r] = vertex[k - 1, r]
+                continue
         for r in range(dp1):
             h = np.int64(0)
             for i in range(d):
@@ -191,43 +201,49 @@ def immediate_neighbours(keys, table, m):
 
 
 @njit(**_JIT)
-def _walk_block(imm, parent, direction, m, v0, nb, walk):
-    """walk[f, i] = nbr_f(v0 + i) (M = missing) for the nb vertices of a block: tap f >= 1 is one
-    step along direction[f] from the end of tap parent[f] < f; done tap by tap over the block, so
-    the look-ups of one tap are independent (the memory latencies overlap)."""
+def _walk_block(imm, parent, direction, m, v0, nb, cnt, pos, nbr):
+    """The taps of the nb vertices v0.. of a block that stay on the lattice: for tap f, cnt[f]
+    pairs (pos[f, j] = i, nbr[f, j] = nbr_f(v0 + i)) with i increasing.  Tap f >= 1 is one step
+    along direction[f] from the end of tap parent[f] < f, so only the vertices whose parent walk
+    exists are stepped (the look-ups of one tap are independent: their latencies overlap)."""
     F = parent.shape[0]
     for i in range(nb):
-        walk[0, i] = v0 + i
+        pos[0, i] = i
+        nbr[0, i] = v0 + i
+    cnt[0] = nb
     for f in range(1, F):
-        wp = walk[parent[f]]
-        wf = walk[f]
+        pf = parent[f]
         k = direction[f]
-        for i in range(nb):
-            wf[i] = imm[wp[i], k]
+        c = 0
+        for j in range(cnt[pf]):
+            u = imm[nbr[pf, j], k]
+            if u < m:
+                pos[f, c] = pos[pf, j]
+                nbr[f, c] = u
+                c += 1
+        cnt[f] = c
 
 
 @njit(parallel=True, **_JIT)
 def tap_blocks(imm, parent, direction, m, block):
     """Caffe's tap walk from every vertex, as a tap-major CSR per block of ``block`` vertices.
 
-    imm (M+1, d+1) int32 (row M = M, so a walk that left the lattice stays out).  Returns bptr
-    (nblk·F + 1,) int64 (the entries of block b and tap f are bptr[b·F + f] .. bptr[b·F + f + 1]
-    - 1), row (nnz,) = v (increasing within a block and tap) and col (nnz,) = nbr_f(v), both
-    int32, for the taps whose walk stays on the lattice.  Two passes (count, fill)."""
+    imm (M+1, d+1) int32 (row M = M).  Returns bptr (nblk·F + 1,) int64 (the entries of block b and
+    tap f are bptr[b·F + f] .. bptr[b·F + f + 1] - 1), row (nnz,) = v (increasing within a block and
+    tap) and col (nnz,) = nbr_f(v), both int32, for the taps whose walk stays on the lattice.  Two
+    passes (count, fill)."""
     F = parent.shape[0]
     nblk = max(1, (m + block - 1) // block)
     bcnt = np.zeros((nblk, F), np.int64)
     for b in prange(nblk):
         v0 = b * block
         nb = max(0, min(m, v0 + block) - v0)
-        walk = np.empty((F, block), np.int32)
-        _walk_block(imm, parent, direction, m, v0, nb, walk)
+        cnt = np.empty(F, np.int64)
+        pos = np.empty((F, block), np.int32)
+        nbr = np.empty((F, block), np.int32)
+        _walk_block(imm, parent, direction, m, v0, nb, cnt, pos, nbr)
         for f in range(F):
-            c = 0
-            wf = walk[f]
-            for i in range(nb):
-                c += wf[i] < m
-            bcnt[b, f] = c
+            bcnt[b, f] = cnt[f]
     bptr = np.empty(nblk * F + 1, np.int64)
     bptr[0] = 0
     flat = bcnt.ravel()
@@ -239,17 +255,15 @@ def tap_blocks(imm, parent, direction, m, block):
     for b in prange(nblk):
         v0 = b * block
         nb = max(0, min(m, v0 + block) - v0)
-        walk = np.empty((F, block), np.int32)
-        _walk_block(imm, parent, direction, m, v0, nb, walk)
+        cnt = np.empty(F, np.int64)
+        pos = np.empty((F, block), np.int32)
+        nbr = np.empty((F, block), np.int32)
+        _walk_block(imm, parent, direction, m, v0, nb, cnt, pos, nbr)
         for f in range(F):
             p = bptr[b * F + f]
-            wf = walk[f]
-            for i in range(nb):
-                u = wf[i]
-                if u < m:
-                    row[p] = v0 + i
-                    col[p] = u
-                    p += 1
+            for j in range(cnt[f]):
+                row[p + j] = v0 + pos[f, j]
+                col[p + j] = nbr[f, j]
     return bptr, row, col
 
 
@@ -285,47 +299,88 @@ def transpose_blocks(bptr, row, col, m, F, block):
     return cnt, irow, icol
 
 
-@njit(**_JIT)
-def transpose_csr(ptr, col, val, ncols):
-    """CSR (rows -> (col, val)) to CSR over the columns: for column u its entries (row, val) in
-    increasing row order.  Returns (ptr_t (ncols+1,) int64, row_t (nnz,) int32, val_t (nnz,))."""
-    nrows = ptr.shape[0] - 1
-    nnz = col.shape[0]
-    ptr_t = np.zeros(ncols + 1, np.int64)
-    for e in range(nnz):
-        ptr_t[col[e] + 1] += 1
-    for u in range(ncols):
-        ptr_t[u + 1] += ptr_t[u]
-    nxt = ptr_t[:-1].copy()
-    row_t = np.empty(nnz, np.int32)
-    val_t = np.empty(nnz, val.dtype)
-    for r in range(nrows):
-        for e in range(ptr[r], ptr[r + 1]):
-            u = col[e]
-            p = nxt[u]
-            row_t[p] = r
-            val_t[p] = val[e]
-            nxt[u] = p + 1
-    return ptr_t, row_t, val_t
-
-
 # ---------------------------------------------------------------------------------------------
 # splat / slice / blur
 # ---------------------------------------------------------------------------------------------
-@njit(parallel=True, **_JIT)
-def splat(vptr, vpoint, vweight, x, out):
-    """out[v, c] = Σ_{points k of v, increasing k} w_k x[k, c].  x (n, C), out (M, C)."""
+@njit(**_JIT)
+def splat_cf(vertex, weight, x, scale, out):
+    """out[v, c] = Σ_{points k of v, increasing k} w_k (x[c, k]·scale[k]): the splat of
+    channel-first values x (C, n) scaled per point (scale (n,); an empty array: no scaling), as
+    Caffe computes it: one pass over the points in order, adding into their d+1 vertices (reads of
+    x stay sequential and the vertices of neighbouring points are close)."""
     m, C = out.shape
-    nblk = (m + _BLOCK - 1) // _BLOCK
-    for b in prange(nblk):
-        for v in range(b * _BLOCK, min(m, (b + 1) * _BLOCK)):
+    n, dp1 = vertex.shape
+    scaled = scale.shape[0] > 0
+    out[:] = 0
+    xs = np.empty(C, out.dtype)
+    for k in range(n):
+        if scaled:
+            sk = scale[k]
             for c in range(C):
-                out[v, c] = 0
-            for e in range(vptr[v], vptr[v + 1]):
-                k = vpoint[e]
-                w = vweight[e]
+                xs[c] = x[c, k] * sk
+        else:
+            for c in range(C):
+                xs[c] = x[c, k]
+        for r in range(dp1):
+            v = vertex[k, r]
+            w = weight[k, r]
+            for c in range(C):
+                out[v, c] += w * xs[c]
+
+
+@njit(parallel=True, **_JIT)
+def slice_cf(vertex, weight, lat, scale, out):
+    """out[c, k] = (Σ_r weight[k, r] lat[vertex[k, r], c])·scale[k], channel-first (C, n) (scale
+    (n,); an empty array: no scaling)."""
+    C, n = out.shape
+    dp1 = vertex.shape[1]
+    scaled = scale.shape[0] > 0
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    for b in prange(nblk):
+        k0 = b * _BLOCK
+        k1 = min(n, k0 + _BLOCK)
+        acc = np.empty((k1 - k0, C), out.dtype)
+        for k in range(k0, k1):
+            for c in range(C):
+                acc[k - k0, c] = 0
+            for r in range(dp1):
+                v = vertex[k, r]
+                w = weight[k, r]
                 for c in range(C):
-                    out[v, c] += w * x[k, c]
+                    acc[k - k0, c] += w * lat[v, c]
+            if scaled:
+                for c in range(C):
+                    acc[k - k0, c] *= scale[k]
+        for c in range(C):
+            for k in range(k0, k1):
+                out[c, k] = acc[k - k0, c]
+
+
+@njit(parallel=True, **_JIT)
+def walk_blur_scalar(imm, parent, direction, m, lat, g, out, block):
+    """The Gaussian-type blur out[v, c] = Σ_f g[f] lat[nbr_f(v), c] straight from the walk (no tap
+    structure kept): per block the taps of _walk_block, added in increasing f (the order of
+    blur_scalar, so the results are identical)."""
+    F = parent.shape[0]
+    C = lat.shape[1]
+    nblk = max(1, (m + block - 1) // block)
+    for b in prange(nblk):
+        v0 = b * block
+        nb = max(0, min(m, v0 + block) - v0)
+        cnt = np.empty(F, np.int64)
+        pos = np.empty((F, block), np.int32)
+        nbr = np.empty((F, block), np.int32)
+        _walk_block(imm, parent, direction, m, v0, nb, cnt, pos, nbr)
+        for i in range(nb):
+            for c in range(C):
+                out[v0 + i, c] = 0
+        for f in range(F):
+            gf = g[f]
+            for j in range(cnt[f]):
+                i = v0 + pos[f, j]
+                u = nbr[f, j]
+                for c in range(C):
+                    out[i, c] += gf * lat[u, c]
 
 
 @njit(parallel=True, **_JIT)

@@ -40,6 +40,12 @@ into the v rows.  Every tap map v -> nbr_f(v) is injective (it adds a fixed
 offset), so the adjoint is the same loop with u and v swapped, and the tap
 gradient is one product per tap.  The Gaussian-tap blur is also available as one
 sparse (M, M) matrix (:meth:`Lattice.gaussian_blur_matrix`).
+
+On the CPU with numba installed (and CRFGRAD_NO_NUMBA unset) the same operators run as compiled
+kernels (:mod:`._cpu_kernels`, chosen by :mod:`.accel`): a hash table instead of the sort, the
+taps kept per block of vertices and per tap (one BLAS product per block and tap), a point-order
+splat and a parallel slice; the vertex numbering then differs (order of first appearance), the
+results do not (up to float rounding in the sums).
 """
 import functools
 import itertools
@@ -480,7 +486,6 @@ class Lattice:
         del table, keys
         self.immediate = self._imm[:M].T
         self._bt = self._bt_inv = None
-        self._point_csr = {}
 
     @property
     def taps_v(self):
@@ -524,24 +529,6 @@ class Lattice:
         u = col[order].astype(np.intp)
         self._taps_v = [None] + [v[bounds[f]:bounds[f + 1]] for f in range(1, F)]
         self._taps_u = [None] + [u[bounds[f]:bounds[f + 1]] for f in range(1, F)]
-
-    def _points_csr(self, points, dtype):
-        """Splat structure of the input ('in') or output ('out') points: for every vertex its
-        points (increasing) and their barycentric weights in ``dtype`` (compiled path)."""
-        key = (points, np.dtype(dtype).name)
-        if key not in self._point_csr:
-            base = (points, np.dtype(self.dtype).name)
-            if base not in self._point_csr:
-                vertex, weight = (self.vertex_in, self.weight_in) if points == 'in' else \
-                    (self.vertex_out, self.weight_out)
-                n, dp1 = vertex.shape
-                ptr = np.arange(0, n * dp1 + 1, dp1, dtype=np.int64)
-                self._point_csr[base] = self._kern.transpose_csr(
-                    ptr, np.ascontiguousarray(vertex).ravel(), np.ascontiguousarray(weight).ravel(),
-                    self.num_vertices)
-            vptr, vpt, vw = self._point_csr[base]
-            self._point_csr[key] = (vptr, vpt, vw.astype(dtype, copy=False))
-        return self._point_csr[key]
 
     # ---------------------------------------------------------------- internals
     def _point_matrix(self, vertex, weight):
@@ -680,12 +667,44 @@ class Lattice:
     def _splatT(self, xT, points='in'):
         """(n_points, C) -> (M, C): barycentric splat of the input ('in') or output ('out') points."""
         if self._kern is not None:
-            dtype = np.result_type(xT.dtype, self.dtype)
-            vptr, vpt, vw = self._points_csr(points, dtype)
-            out = np.empty((self.num_vertices, xT.shape[1]), dtype)
-            self._kern.splat(vptr, vpt, vw, np.ascontiguousarray(xT, dtype=dtype), out)
-            return out
+            return self._splat_cf(xT.T, None, points)
         return self._spmm(self._S_in if points == 'in' else self._S_out, xT)
+
+    def _splat_cf(self, values, scale=None, points='in'):
+        """values (C, n_points) channel-first, times ``scale`` (n_points,) per point when given,
+        splatted: (M, C)."""
+        if self._kern is not None:
+            n = self.n_in if points == 'in' else self.n_out
+            if values.ndim != 2 or values.shape[1] != n:
+                raise ValueError('expected an array of shape (C, %d), got %s' % (n, values.shape))
+            dtype = np.result_type(values.dtype, self.dtype)
+            vertex, weight = (self.vertex_in, self.weight_in) if points == 'in' else \
+                (self.vertex_out, self.weight_out)
+            out = np.empty((self.num_vertices, values.shape[0]), dtype)
+            sc = np.zeros(0, dtype) if scale is None else np.ascontiguousarray(scale, dtype=dtype)
+            self._kern.splat_cf(vertex, weight.astype(dtype, copy=False), np.ascontiguousarray(values, dtype=dtype),
+                                sc, out)
+            return out
+        xT = self._vm(values, self.n_in if points == 'in' else self.n_out)
+        if scale is not None:
+            xT = xT * scale[:, None]
+        return self._splatT(xT, points)
+
+    def _slice_cf(self, latT, scale=None, points='out'):
+        """(M, C) -> channel-first (C, n_points), times ``scale`` (n_points,) per point when given."""
+        if self._kern is not None:
+            dtype = np.result_type(latT.dtype, self.dtype)
+            vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
+                (self.vertex_in, self.weight_in)
+            out = np.empty((latT.shape[1], vertex.shape[0]), dtype)
+            sc = np.zeros(0, dtype) if scale is None else np.ascontiguousarray(scale, dtype=dtype)
+            self._kern.slice_cf(vertex, weight.astype(dtype, copy=False), np.ascontiguousarray(latT, dtype=dtype),
+                                sc, out)
+            return out
+        yT = self._sliceT(latT, points)
+        if scale is not None:
+            yT *= scale[:, None]
+        return yT.T
 
     def _sliceT(self, latT, points='out'):
         """(M, C) -> (n_points, C): barycentric interpolation at the output ('out') or input points."""
@@ -732,8 +751,14 @@ class Lattice:
         if self._kern is not None:
             dtype = np.result_type(latT.dtype, g.dtype)
             out = np.empty(latT.shape, dtype)
-            self._kern.blur_scalar(*self._blocks(), np.ascontiguousarray(latT, dtype=dtype),
-                                   np.ascontiguousarray(g, dtype=dtype), out, _VERTEX_BLOCK)
+            latT = np.ascontiguousarray(latT, dtype=dtype)
+            g = np.ascontiguousarray(g, dtype=dtype)
+            if self._bt is None:          # no tap structure needed yet (Gaussian filtering only)
+                parent, direction = _tap_parents(self.d, self.neighborhood_size)
+                self._kern.walk_blur_scalar(self._imm, parent, direction, self.num_vertices, latT, g, out,
+                                            _VERTEX_BLOCK)
+            else:
+                self._kern.blur_scalar(*self._blocks(), latT, g, out, _VERTEX_BLOCK)
             return out
         out = latT * g[0]
         for f in range(1, self.num_taps):
@@ -815,10 +840,10 @@ class BilateralFilter:
 
         def s_hat(src, dst):
             n_src = lat.n_in if src == 'in' else lat.n_out
-            ones = xp.ones((n_src, 1), dtype=dtype)
-            z = lat._splatT(ones, src)
+            ones = xp.ones((1, n_src), dtype=dtype)
+            z = lat._splat_cf(ones, None, src)
             y = lat._blur_scalarT(z, gauss)
-            return lat._sliceT(y, dst)[:, 0].astype(np.float64)
+            return lat._slice_cf(y, None, dst)[0].astype(np.float64)
 
         if norm_type == 'symmetric':
             self.norm_there = (1.0 / xp.sqrt(s_hat('in', 'in') + 1e-20)).astype(dtype)
@@ -832,44 +857,28 @@ class BilateralFilter:
     # internal, vertex-major ------------------------------------------------------
     def splat_input(self, values):
         """(C, n_in) -> (M, C): the splat of the normalised input (vertex-major)."""
-        lat = self.lattice
-        xT = lat._vm(values, lat.n_in)
-        if self.norm_there is not None:
-            xT = xT * self.norm_there[:, None]
-        return lat._splatT(xT, 'in')
+        return self.lattice._splat_cf(values, self.norm_there, 'in')
 
     def apply(self, values, taps, group=1):
         """values (C, n_in), taps (O, C/group, F) -> (O, n_out)."""
         lat = self.lattice
-        yT = lat._sliceT(lat._blurT(self.splat_input(values), taps, group), 'out')
-        if self.norm_back is not None:
-            yT *= self.norm_back[:, None]
-        return yT.T
+        return lat._slice_cf(lat._blurT(self.splat_input(values), taps, group), self.norm_back, 'out')
 
     def _grad_lattice(self, grad):
-        lat = self.lattice
-        gT = lat._vm(grad, lat.n_out)
-        if self.norm_back is not None:
-            gT = gT * self.norm_back[:, None]
-        return lat._splatT(gT, 'out')
+        return self.lattice._splat_cf(grad, self.norm_back, 'out')
 
     def adjoint(self, grad, taps, group=1):
         """grad (O, n_out) -> (C, n_in) = (d apply / d values)^T grad."""
         lat = self.lattice
-        xT = lat._sliceT(lat._blur_adjointT(self._grad_lattice(grad), taps, group), 'in')
-        if self.norm_there is not None:
-            xT *= self.norm_there[:, None]
-        return xT.T
+        return lat._slice_cf(lat._blur_adjointT(self._grad_lattice(grad), taps, group), self.norm_there, 'in')
 
     def backward(self, values, grad, taps, group=1, splatted=None):
         """(:meth:`adjoint` (grad), :meth:`taps_grad` (values, grad)) sharing the splat of grad."""
         lat = self.lattice
         gl = self._grad_lattice(grad)
-        xT = lat._sliceT(lat._blur_adjointT(gl, taps, group), 'in')
-        if self.norm_there is not None:
-            xT *= self.norm_there[:, None]
+        x = lat._slice_cf(lat._blur_adjointT(gl, taps, group), self.norm_there, 'in')
         latT = self.splat_input(values) if splatted is None else splatted
-        return xT.T, lat._taps_gradT(latT, gl, group)
+        return x, lat._taps_gradT(latT, gl, group)
 
     def taps_grad(self, values, grad, group=1, splatted=None):
         """Gradient of <grad, apply(values, taps)> w.r.t. taps: (O, C/group, F).
@@ -879,14 +888,12 @@ class BilateralFilter:
 
     def gaussian(self, values):
         """values (C, n_in) -> (C, n_out): the normalised filter with the Gaussian taps on
-        every channel separately (= apply with taps g·I, computed with a sparse matrix)."""
+        every channel separately (= apply with taps g·I; NumPy/CuPy: one sparse matrix product,
+        compiled path: a walk-and-blur kernel with the same taps)."""
         lat = self.lattice
         zT = self.splat_input(values)
         if lat._kern is not None:
             yT = lat._blur_scalarT(zT, gaussian_taps(lat.d, lat.neighborhood_size, np, zT.dtype))
         else:
             yT = lat._spmm(lat.gaussian_blur_matrix(), zT)
-        yT = lat._sliceT(yT, 'out')
-        if self.norm_back is not None:
-            yT *= self.norm_back[:, None]
-        return yT.T
+        return lat._slice_cf(yT, self.norm_back, 'out')
