@@ -104,10 +104,32 @@ def _slot(h, mask):
 
 
 @njit(**_JIT)
+def _key_hash(keys, v, d):
+    h = np.int64(0)
+    for i in range(d):
+        h = _mix(h, keys[v, i])
+    return h
+
+
+@njit(**_JIT)
+def _grow(keys, m, d, cap):
+    """A table of ``cap`` slots holding the vertices 0..m-1."""
+    table = np.full(cap, -1, np.int32)
+    mask = cap - 1
+    for v in range(m):
+        slot = _slot(_key_hash(keys, v, d), mask)
+        while table[slot] >= 0:
+            slot = (slot + 1) & mask
+        table[slot] = v
+    return table
+
+
+@njit(**_JIT)
 def hash_vertices(rem0, rank, cap_bits):
     """Unique simplex vertices of all points, numbered in order of first appearance (point-major,
     vertex r = 0..d within a point, as Caffe's hash table).  Returns vertex (n, d+1) int32,
-    keys (M, d) int64, the open-addressing table (2^cap_bits,) int32 (-1 = empty) and M."""
+    keys (M, d) int64, the open-addressing table int32 (-1 = empty; it starts with 2^cap_bits
+    slots and doubles whenever it is half full) and M."""
     n, dp1 = rem0.shape
     d = dp1 - 1
     cap = np.int64(1) << cap_bits
@@ -146,6 +168,10 @@ def hash_vertices(rem0, rank, cap_bits):
                         keys[m, i] = key[i]
                     vertex[k, r] = m
                     m += 1
+                    if 2 * m > cap:
+                        cap *= 2
+                        mask = cap - 1
+                        table = _grow(keys, m, d, cap)
                     break
                 same = True
                 for i in range(d):

@@ -17,9 +17,14 @@ def enabled():
 
 
 def available():
-    """True when the compiled kernels import (numba installed and working)."""
+    """True when the compiled kernels import (numba installed and working).
+
+    Before the first import, OMP_WAIT_POLICY defaults to PASSIVE (unless set): the kernels are
+    many short parallel loops, and OpenMP threads that spin between them slow everything down
+    (here by up to 1.5x) when other processes share the cores."""
     if not _state['tried']:
         _state['tried'] = True
+        os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
         try:
             from . import _cpu_kernels
             _state['module'] = _cpu_kernels

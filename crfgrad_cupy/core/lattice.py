@@ -470,7 +470,7 @@ class Lattice:
         K.lattice_points(feats, scale, jvals, down32, dtype(down32), dtype(0), rem0, rank, weight)
         if visualize:
             weight[...] = 1
-        cap_bits = max(4, int(2 * max(n, 1) * (d + 1) - 1).bit_length())
+        cap_bits = max(4, int(4 * max(n, 1) - 1).bit_length())            # grows when half full
         vertex, keys, table, M = K.hash_vertices(rem0, rank, cap_bits)
         del rem0, rank
         M = int(M)
