@@ -26,7 +26,8 @@ from crfgrad_cupy.layers.base import create_layer
 from crfgrad_cupy.proto import caffe_pb2
 
 HAVE_NUMBA = accel.available()
-needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason='numba is not installed')
+needs_numba = pytest.mark.skipif(accel.kernels(np) is None,
+                                 reason='numba is not installed or CRFGRAD_NO_NUMBA is set')
 
 
 @pytest.fixture
