@@ -55,7 +55,12 @@ def resolve_model(model, weights=None):
 
 def sample_pairs(name='horse'):
     """[(image path, mask path)] of a bundled model's sample images."""
-    d = os.path.join(default_model_dir(name), 'samples')
+    return sample_pairs_in(default_model_dir(name))
+
+
+def sample_pairs_in(model_dir):
+    """[(image path, mask path)] under ``model_dir``/samples (images/ + masks/); [] if absent."""
+    d = os.path.join(model_dir, 'samples')
     return image_mask_pairs(d) if os.path.isdir(d) else []
 
 

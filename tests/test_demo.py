@@ -29,7 +29,7 @@ def test_demo_writes_its_files_and_segment_gives_the_same_labels(tmp_path, capsy
         assert stem in printed
         for suffix in ('_unary.png', '_crf.png', '_overlay.png'):
             assert (out / (stem + suffix)).stat().st_size > 100
-    for fig in ('overview.png', 'energy.png'):
+    for fig in ('overview.png', 'energy.png', 'energy_leak0.png'):
         assert (out / fig).stat().st_size > 5000
     proto, weights = sg.default_model()
     seg_out = tmp_path / 'seg'

@@ -2,9 +2,11 @@
 
 No network needed.  Writes under --out, for each sample <stem>: <stem>_unary.png and
 <stem>_crf.png (labels, VOC palette, at the image's resolution) and <stem>_overlay.png;
-overview.png (rows: image | unary | CRF-Grad | ground truth) and energy.png (the CRF energy
-E(q^t) = psi.q + 1/2 q'Kq per CRF-Grad step, one line per image); and prints the IoU of
-both outputs on each sample.
+overview.png (rows: image | unary | CRF-Grad | ground truth), energy.png and energy_leak0.png
+(the CRF energy E(q^t) = psi.q + 1/2 q'Kq per CRF-Grad step, one line per image); and prints the IoU of
+both outputs on each sample.  With the leaky projection (leak > 0) the states leave the
+simplex and the energy is not bounded below; energy_leak0.png re-runs the steps with leak 0,
+as the paper's energy figures do.
 """
 import os
 
@@ -73,7 +75,11 @@ def run(args):
         inputs.append(seg.pre(img)[0])
     overview_figure(rows, os.path.join(args.out, 'overview.png'))
     E = plots.crf_energy_curves(seg.net, inputs)
-    plots.plot_energies(E, normalize=False, title='CRF energy per CRF-Grad step (%d sample images)' % len(E),
-                        path=os.path.join(args.out, 'energy.png'))
-    print('wrote %s: overview.png, energy.png and the label maps' % args.out)
+    plots.plot_energies(E, normalize=False, path=os.path.join(args.out, 'energy.png'),
+                        title='CRF energy per CRF-Grad step, as the model runs (leak %g)'
+                              % seg.net.layer_dict[sg.crf_layer_names(seg.net)[-1]].leak_factor)
+    E0 = plots.crf_energy_curves(seg.net, inputs, leak_factor=0.0)
+    plots.plot_energies(E0, normalize=False, path=os.path.join(args.out, 'energy_leak0.png'),
+                        title='CRF energy per step with leak 0 (exact simplex projection)')
+    print('wrote %s: overview.png, energy.png, energy_leak0.png and the label maps' % args.out)
     return 0
