@@ -246,7 +246,8 @@ def test_cli_segment_net_that_cannot_take_an_image(tmp_path, capsys):
     assert (tmp_path / 'o' / 'big.png').exists()
 
 
-def test_cli_segment_verify_on_cpu(tmp_path, capsys):
+def test_cli_segment_verify(tmp_path, capsys):
+    """Without a GPU: NumPy float32 against float64; with one: CuPy against NumPy."""
     proto, weights = tiny_net_files(tmp_path)
     img, _ = two_colour_image(20, 20, 9)
     Image.fromarray(img).save(tmp_path / 'a.png')
@@ -255,7 +256,9 @@ def test_cli_segment_verify_on_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     line = [l for l in out.splitlines() if 'verify' in l][0]
-    assert 'NumPy float32 vs NumPy float64' in line and 'score_post max|diff|' in line
+    from crfgrad_cupy import backend
+    paths = 'CuPy (GPU) float32 vs NumPy float32' if backend.cupy_available() else 'NumPy float32 vs NumPy float64'
+    assert paths in line and 'score_post max|diff|' in line
     v = sg.Verifier(proto, weights)
     data, _ = sg.Segmenter.from_files(proto, weights).pre(img)
     (diff, ref), = v.compare(data).values()
