@@ -21,6 +21,7 @@ import numpy as np
 from . import backend
 from .errors import CrfGradError
 from .preprocess import IMAGE_EXTENSIONS, Preprocessor, load_mask, parse_size
+from .proto import caffe_pb2
 
 log = logging.getLogger('crfgrad_cupy')
 
@@ -76,7 +77,6 @@ def enable_energy(net_param):
 
     Each CrfGrad layer without an energy top gets ``calculate_energy: true`` and a second
     top ``<layer name>_energy``.  Returns (NetParameter, {layer name: energy blob name})."""
-    from .proto import caffe_pb2
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     names = collections.OrderedDict()
@@ -107,14 +107,14 @@ def load_net(model, weights=None, energy=False):
     if energy:
         param, energy_blobs = enable_energy(_net_param(model))
         try:
-            net = Net(param, TEST_PHASE())
+            net = Net(param, caffe_pb2.TEST)
         except CrfGradError as exc:
             if exc.file is None:
                 raise CrfGradError(str(exc), file=model) from None
             raise
         net.source = model
     else:
-        net = Net(model, TEST_PHASE())
+        net = Net(model, caffe_pb2.TEST)
     if weights:
         weights = os.fspath(weights)
         held = load_weights(weights)
@@ -134,11 +134,6 @@ def load_net(model, weights=None, energy=False):
         net.copy_from(weights)
     net.energy_blobs = energy_blobs
     return net
-
-
-def TEST_PHASE():
-    from .proto import caffe_pb2
-    return caffe_pb2.TEST
 
 
 def input_shape(net):
@@ -751,7 +746,7 @@ def refine(image, probs, crf=None, blobs=None, size=None, mean=None):
     crf_param = collections.OrderedDict([
         ('num_classes', L), ('kernel_size', k), ('num_iterations', int(opts['num_iterations'])),
         ('step_size', opts['step_size']), ('leak_factor', opts['leak_factor']), ('log_eps', opts['log_eps'])])
-    net = Net(crf_net_prototxt(L, rh, rw, crf_param, opts['pos_scale'], opts['color_scale']), TEST_PHASE())
+    net = Net(crf_net_prototxt(L, rh, rw, crf_param, opts['pos_scale'], opts['color_scale']), caffe_pb2.TEST)
     for b, a in zip(net.params['crf'], (wu, spatial, taps)):
         if tuple(b.shape) != a.shape:
             raise CrfGradError('CrfGrad blob of shape %s given, the layer needs %s' % (a.shape, b.shape))
