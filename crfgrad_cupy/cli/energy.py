@@ -3,9 +3,8 @@
 Runs the net on the image (preprocessed as `crfgrad segment` does), then for a CrfGrad layer
 prints E(q^t) for t = 0 .. T (q^0 = the layer's input probabilities, q^T its output), with
 E(q) = psi.q + 1/2 q'Kq (paper eq. 6, per image, at the net's resolution), and E(x) of the
-labelling x that the rounding of Prop. 2.1 (crfgrad_cupy.core.rounding) makes from q^T.
-With a bilateral term the rounding fixes one pixel at a time, which takes a while on
-large inputs (--no-round skips it).
+labelling x that the rounding of Prop. 2.1 (crfgrad_cupy.core.rounding) makes from q^T,
+and whether its guarantee E(x) <= E(q^T) applies (--no-round skips it).
 """
 import json
 import sys
@@ -63,11 +62,14 @@ def run(args):
             why.append('pixels interact with themselves')
         if not r.feasible:
             why.append('q^T is not on the simplex (leak > 0)')
-        print('rounded labelling (Prop. 2.1, %d sequential steps): E(x) = %.8g  (%s E(q^T))'
-              % (r.num_steps, ex, '<=' if ex <= E[-1] else '>'))
+        if r.schedule != 'sequential':
+            why.append("the '%s' schedule fixes coupled pixels together" % r.schedule)
+        print("rounded labelling (Prop. 2.1 rounding, '%s' schedule, %d steps): E(x) = %.8g  (%s E(q^T))"
+              % (r.schedule, r.num_steps, ex, '<=' if ex <= E[-1] else '>'))
         print('  the guarantee E(x) <= E(q) %s' % ('holds' if r.guaranteed else
                                                   'does not apply here: ' + '; '.join(why)))
-        result.update(rounded_energy=ex, guaranteed=bool(r.guaranteed), rounding_steps=int(r.num_steps))
+        result.update(rounded_energy=ex, guaranteed=bool(r.guaranteed), rounding_steps=int(r.num_steps),
+                      rounding_schedule=r.schedule)
     if args.plot:
         fig = plots.plot_energies(np.asarray(E)[None], normalize=False,
                                   title='CRF energy per iteration: %s' % args.image.rsplit('/', 1)[-1])

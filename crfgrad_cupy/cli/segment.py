@@ -111,10 +111,12 @@ def run(args):
                 r = sg.crf_round(seg.net)
                 lab = sg.labels_to_image_resolution(np.asarray(sg.backend.to_numpy(r.labels[0])), res.placement)
                 sg.save_label_png(lab, base + '_rounded.png')
+                why = [w for w, bad in (('self-interaction', r.self_interaction),
+                                        ('q not on the simplex', not r.feasible),
+                                        ("'%s' schedule" % r.schedule, r.schedule != 'sequential')) if bad]
                 tqdm.write('%s: rounded labelling E(x) = %.6g, E(q_T) = %.6g%s'
                            % (path, float(r.energy_x[0]), float(r.energy_q[0]),
-                              '' if r.guaranteed else ' (Prop. 2.1 guarantee does not apply: %s)'
-                              % ('self-interaction' if r.self_interaction else 'q not on the simplex')),
+                              '' if r.guaranteed else ' (Prop. 2.1 guarantee does not apply: %s)' % ', '.join(why)),
                            file=sys.stderr)
             if verifier is not None:
                 data, _ = seg.pre(img)
