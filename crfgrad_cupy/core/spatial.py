@@ -167,6 +167,51 @@ def _tile_axis(size, k):
     return tile, period, count
 
 
+class _Workspace:
+    """Intermediate arrays kept between the calls of one filter (fresh arrays of tens of MB per call
+    cost as much in page faults as the arithmetic on them).  ``get`` returns the array named
+    ``name`` (allocated on first use; with ``zero`` zero-filled then, and the caller only ever
+    overwrites the same part)."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, xp, name, shape, dtype, zero=False):
+        shape = tuple(int(x) for x in shape)
+        a = self._arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = xp.zeros(shape, dtype=dtype) if zero else xp.empty(shape, dtype=dtype)
+            self._arrays[name] = a
+        return a
+
+
+_POOL = {}
+
+
+def _in_parallel(xp, n, fn, min_chunk=256):
+    """fn(lo, hi) over a split of range(n): on NumPy in one thread per CPU core (the copies and
+    the batched small matrix products below release the GIL but run single-threaded otherwise),
+    else in one call."""
+    workers = os.cpu_count() or 1
+    if xp.__name__ != 'numpy' or workers < 2 or n < 2 * min_chunk:
+        fn(0, n)
+        return
+    if 'pool' not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL['pool'] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='crfgrad-spatial')
+    step = -(-n // workers)
+    futures = [_POOL['pool'].submit(fn, lo, min(n, lo + step)) for lo in range(0, n, step)]
+    for f in futures:
+        f.result()
+
+
+def _buffer(xp, ws, name, shape, dtype, zero=False):
+    """A scratch array from the workspace ``ws`` (None: a new one)."""
+    if ws is None:
+        return xp.zeros(shape, dtype=dtype) if zero else xp.empty(shape, dtype=dtype)
+    return ws.get(xp, name, shape, dtype, zero)
+
+
 class _Tiling:
     """Overlap-save tiling of an H×W image for a k×k bank: ny×nx tiles of th×tw output pixels,
     periods Ph×Pw >= (th + 2p)×(tw + 2p)."""
@@ -182,37 +227,56 @@ class _Tiling:
     def pf(self):
         return self.pw // 2 + 1
 
-    def windows(self, xp, a):
+    def windows(self, xp, a, ws=None):
         """a (N, C, H, W) -> (C, N·ny·nx, Ph, Pw): the input window of every tile (the image
         zero-padded by p; window (i, j) starts at padded row i·th, column j·tw), channel-major."""
         n, c, h, w = a.shape
         th, tw, ph, pw, p = self.th, self.tw, self.ph, self.pw, self.p
-        pad = xp.zeros((c, n, (self.ny - 1) * th + ph, (self.nx - 1) * tw + pw), dtype=a.dtype)
-        pad[:, :, p:p + h, p:p + w] = a.transpose(1, 0, 2, 3)
-        if self.ny == 1 and self.nx == 1:
+        pad = _buffer(xp, ws, 'pad', (c, n, (self.ny - 1) * th + ph, (self.nx - 1) * tw + pw), a.dtype, True)
+        out = _buffer(xp, ws, 'windows', (c, n, self.ny, self.nx, ph, pw), a.dtype)
+        at = a.transpose(1, 0, 2, 3)
+        single = self.ny == 1 and self.nx == 1
+
+        def part(lo, hi):
+            pad[lo:hi, :, p:p + h, p:p + w] = at[lo:hi]                    # the border stays zero
+            if not single:
+                for i in range(self.ny):
+                    for j in range(self.nx):
+                        out[lo:hi, :, i, j] = pad[lo:hi, :, i * th:i * th + ph, j * tw:j * tw + pw]
+        _in_parallel(xp, c, part, min_chunk=1)
+        if single:
             return pad.reshape(c, n, ph, pw)
-        out = xp.empty((c, n, self.ny, self.nx, ph, pw), dtype=a.dtype)
-        for i in range(self.ny):
-            for j in range(self.nx):
-                out[:, :, i, j] = pad[:, :, i * th:i * th + ph, j * tw:j * tw + pw]
         return out.reshape(c, n * self.ny * self.nx, ph, pw)
 
-    def cores(self, xp, a):
+    def cores(self, xp, a, ws=None):
         """a (N, C, H, W) -> (C, N·ny·nx, th, tw): the output pixels of every tile (zero beyond
         the image), channel-major."""
         n, c, h, w = a.shape
         th, tw = self.th, self.tw
-        pad = xp.zeros((c, n, self.ny * th, self.nx * tw), dtype=a.dtype)
-        pad[:, :, :h, :w] = a.transpose(1, 0, 2, 3)
+        pad = _buffer(xp, ws, 'cores_pad', (c, n, self.ny * th, self.nx * tw), a.dtype, True)
+        pad[:, :, :h, :w] = a.transpose(1, 0, 2, 3)                     # the rest stays zero
         t = pad.reshape(c, n, self.ny, th, self.nx, tw).transpose(0, 1, 2, 4, 3, 5)
-        return xp.ascontiguousarray(t).reshape(c, n * self.ny * self.nx, th, tw)
+        out = _buffer(xp, ws, 'cores', (c, n, self.ny, self.nx, th, tw), a.dtype)
+        out[...] = t
+        return out.reshape(c, n * self.ny * self.nx, th, tw)
 
     def assemble(self, xp, t, n):
         """(O, N·ny·nx, >=th, >=tw) tile outputs -> (N, O, H, W)."""
         o = t.shape[0]
-        t = t[..., :self.th, :self.tw].reshape(o, n, self.ny, self.nx, self.th, self.tw)
-        full = t.transpose(1, 0, 2, 4, 3, 5).reshape(n, o, self.ny * self.th, self.nx * self.tw)
-        return xp.ascontiguousarray(full[:, :, :self.height, :self.width])
+        th, tw, h, w = self.th, self.tw, self.height, self.width
+        out = xp.empty((n, o, h, w), dtype=t.dtype)
+        t = t.reshape(o, n, self.ny, self.nx, t.shape[-2], t.shape[-1])
+
+        def part(lo, hi):
+            for i in range(self.ny):
+                rows = min(th, h - i * th)
+                for j in range(self.nx):
+                    cols = min(tw, w - j * tw)
+                    if rows > 0 and cols > 0:
+                        out[:, lo:hi, i * th:i * th + rows, j * tw:j * tw + cols] = \
+                            t[lo:hi, :, i, j, :rows, :cols].transpose(1, 0, 2, 3)
+        _in_parallel(xp, o, part, min_chunk=1)
+        return out
 
     def rfft(self, xp, a):
         """rfft2 over the last two axes on the Ph×Pw period (zero-padding smaller tiles)."""
@@ -305,37 +369,54 @@ def _freq_mix(xp, kf, xhat, adjoint=False):
     return yf.transpose(2, 1, 0).reshape(n, yf.shape[1], ph, pf)
 
 
-def _transpose2(xp, a):
-    """(R, S) -> contiguous (S, R).  NumPy with R > S: in blocks of 64 rows (a plain transposing
-    copy of a tall array strides through memory and is several times slower)."""
+def _transpose2(xp, a, out=None):
+    """(R, S) -> contiguous (S, R) (into ``out`` when given).  NumPy with R > S: in blocks of 64
+    rows (a plain transposing copy of a tall array strides through memory and is several times
+    slower)."""
     r, s = a.shape
+    if out is None:
+        out = xp.empty((s, r), dtype=a.dtype)
     if xp.__name__ != 'numpy' or r <= s:
-        return xp.ascontiguousarray(a.T)
-    out = xp.empty((s, r), dtype=a.dtype)
+        out[...] = a.T
+        return out
     for i in range(0, r, 64):
         out[:, i:i + 64] = a[i:i + 64].T
     return out
 
 
-def _freq_first(xp, ahat):
+def _freq_first(xp, ahat, ws=None, name='freq'):
     """(C, T, Ph, Pf) tile transforms -> frequency-major (F, C, T)."""
     c, t, ph, pf = ahat.shape
-    return _transpose2(xp, ahat.reshape(c * t, ph * pf)).reshape(ph * pf, c, t)
+    out = _buffer(xp, ws, name, (ph * pf, c * t), ahat.dtype)
+    a = ahat.reshape(c * t, ph * pf)
+    _in_parallel(xp, ph * pf, lambda lo, hi: _transpose2(xp, a[:, lo:hi], out[lo:hi]))
+    return out.reshape(ph * pf, c, t)
 
 
-def _tile_mix(xp, kf, xhat):
-    """Per frequency: kf[f] (O, C) @ the C×tiles transforms.  xhat (C, T, Ph, Pf) -> (O, T, Ph, Pf)."""
+def _tile_mix(xp, kf, xhat, ws=None):
+    """Per frequency: kf[f] (O, C) @ the C×tiles transforms.  xhat (C, T, Ph, Pf) -> (O, T, Ph, Pf)
+    (transpose to frequency-major, batched products, transpose back; split over frequencies)."""
     c, t, ph, pf = xhat.shape
-    yf = xp.matmul(kf, _freq_first(xp, xhat))                          # (F, O, T)
-    o = yf.shape[1]
-    return _transpose2(xp, yf.reshape(ph * pf, o * t)).reshape(o, t, ph, pf)
+    o = kf.shape[1]
+    nf = ph * pf
+    xf = _buffer(xp, ws, 'freq', (nf, c, t), xhat.dtype)
+    yf = _buffer(xp, ws, 'mix', (nf, o, t), xhat.dtype)
+    out = _buffer(xp, ws, 'mixed', (o * t, nf), xhat.dtype)
+    a = xhat.reshape(c * t, nf)
+
+    def part(lo, hi):
+        _transpose2(xp, a[:, lo:hi], xf.reshape(nf, c * t)[lo:hi])
+        xp.matmul(kf[lo:hi], xf[lo:hi], out=yf[lo:hi])
+        _transpose2(xp, yf[lo:hi].reshape(hi - lo, o * t), out[:, lo:hi])
+    _in_parallel(xp, nf, part)
+    return out.reshape(o, t, ph, pf)
 
 
-def _tile_corr(xp, qhat, ghat):
+def _tile_corr(xp, qhat, ghat, ws=None):
     """Σ over the tiles (of all images) of ĝ[f] conj(q̂[f])ᵀ: (F, O, C) per frequency.  qhat
     (C, T, Ph, Pf) of the tile cores, ghat (O, T, Ph, Pf) of the windows."""
-    gf = _freq_first(xp, ghat)                                         # (F, O, T)
-    qf = xp.conj(_freq_first(xp, qhat))                                # (F, C, T)
+    gf = _freq_first(xp, ghat, ws, 'freq')                             # (F, O, T)
+    qf = xp.conj(_freq_first(xp, qhat, ws, 'freq2'))                   # (F, C, T)
     return xp.matmul(gf, qf.transpose(0, 2, 1))
 
 
@@ -426,15 +507,23 @@ class SpatialFilter:
         self.method = method
         self.tiling = _Tiling(self.height, self.width, self.k)
         self.grid = (self.tiling.ph, self.tiling.pw)
-        self._kf = self._kf_adj = None
+        self._kf = self._kf_adj_cache = None
+        self._ws = _Workspace()
         if method == 'fft':
+            # correlation on a window: tap ky at (-ky) mod Ph
+            ph, pw = self.grid
+            self._kf = _freq_major(self.xp, _bank_transform(weights, ph, pw, 0))
+
+    @property
+    def _kf_adj(self):
+        """Kernel transform of Sᵀ, the correlation with the flipped, transposed bank (made on the
+        first adjoint)."""
+        if self._kf_adj_cache is None:
             xp = self.xp
             ph, pw = self.grid
-            # correlation on a window: tap ky at (-ky) mod Ph; Sᵀ is the correlation with the flipped,
-            # transposed bank
-            self._kf = _freq_major(xp, _bank_transform(weights, ph, pw, 0))
-            flipped = xp.ascontiguousarray(weights[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            self._kf_adj = _freq_major(xp, _bank_transform(flipped, ph, pw, 0))
+            flipped = xp.ascontiguousarray(self.weights[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            self._kf_adj_cache = _freq_major(xp, _bank_transform(flipped, ph, pw, 0))
+        return self._kf_adj_cache
 
     # radius of interaction in pixels (Chebyshev distance), used by the rounding schedule
     @property
@@ -455,7 +544,7 @@ class SpatialFilter:
 
     def _tiled(self, kf, ahat, n, dtype):
         xp, t = self.xp, self.tiling
-        return t.assemble(xp, t.irfft(xp, _tile_mix(xp, kf, ahat)), n).astype(dtype, copy=False)
+        return t.assemble(xp, t.irfft(xp, _tile_mix(xp, kf, ahat, self._ws)), n).astype(dtype, copy=False)
 
     def apply(self, q):
         """S(q): (N, C, H, W) -> (N, O, H, W)."""
@@ -463,7 +552,7 @@ class SpatialFilter:
         if self.method == 'direct':
             return direct_apply(q, self.weights)
         xp, t = self.xp, self.tiling
-        return self._tiled(self._kf, t.rfft(xp, t.windows(xp, q)), q.shape[0], q.dtype)
+        return self._tiled(self._kf, t.rfft(xp, t.windows(xp, q, self._ws)), q.shape[0], q.dtype)
 
     def adjoint(self, g):
         """Sᵀ(g): (N, O, H, W) -> (N, C, H, W)."""
@@ -471,12 +560,12 @@ class SpatialFilter:
         if self.method == 'direct':
             return direct_adjoint(g, self.weights)
         xp, t = self.xp, self.tiling
-        return self._tiled(self._kf_adj, t.rfft(xp, t.windows(xp, g)), g.shape[0], g.dtype)
+        return self._tiled(self._kf_adj, t.rfft(xp, t.windows(xp, g, self._ws)), g.shape[0], g.dtype)
 
     def _corr(self, q, ghat):
         """Σ over images and tiles of ĝ conj(q̂) per frequency, q̂ of the tile cores of q."""
         xp, t = self.xp, self.tiling
-        return _tile_corr(xp, t.rfft(xp, t.cores(xp, q)), ghat)
+        return _tile_corr(xp, t.rfft(xp, t.cores(xp, q, self._ws)), ghat, self._ws)
 
     def weight_grad(self, q, g):
         """d<g, S(q)>/dW: q (N, C, H, W), g (N, O, H, W) -> (O, C, k, k)."""
@@ -485,7 +574,7 @@ class SpatialFilter:
         if self.method == 'direct':
             return direct_weight_grad(q, g, self.k)
         xp, t = self.xp, self.tiling
-        r = self._corr(q, t.rfft(xp, t.windows(xp, g)))
+        r = self._corr(q, t.rfft(xp, t.windows(xp, g, self._ws)))
         return _corr_to_weight_grad(xp, r, t, np.result_type(q.dtype, g.dtype))
 
     param_grad = weight_grad
@@ -505,7 +594,7 @@ class SpatialFilter:
         if self.method == 'direct':
             return direct_adjoint(g, self.weights), (q, g)
         xp, t = self.xp, self.tiling
-        ghat = t.rfft(xp, t.windows(xp, g))
+        ghat = t.rfft(xp, t.windows(xp, g, self._ws))
         dq = self._tiled(self._kf_adj, ghat, g.shape[0], g.dtype)
         return dq, (self._corr(q, ghat), np.result_type(q.dtype, g.dtype))
 
