@@ -23,7 +23,8 @@ Backward (BPTT through the T steps, eqs. 14-22): with δ = dL/dx_{t+1},
 γ_t = Jᵀ_proj(s_t) δ;  dθ_i += -γ·dK_i(x_t)/dθ_i[γ_t];  a += -γ·γ_t;  δ <- γ_t - γ·Σ K_iᵀ γ_t;
 finally dL/dp = a·(-w/(p+eps)) + δ and dL/dw = Σ a·(-log(p+eps)).  Terms that provide
 ``backward_deferred(q, g) -> (Kᵀg, token)`` and ``param_grad_deferred(tokens)`` (the spatial
-filter) have their parameter gradient summed over the steps in one pass at the end.
+filter) have their parameter gradient summed over the steps in one pass at the end (with
+``merge_deferred(tokens) -> tokens`` the tokens are combined as they come).
 
 Caffe's quirk (``reproduce_caffe_quirks=True``): terms with ``caffe_stale_param_grad`` (the
 bilateral term) get their parameter gradient of EVERY step evaluated with the last
@@ -282,6 +283,8 @@ def pgd_backward(cache, top_diff, reproduce_caffe_quirks=False):
             elif deferred[i]:
                 dq, tok = term.backward_deferred(x_t, gam)
                 tokens[i].append(tok)
+                if len(tokens[i]) > 1 and hasattr(term, 'merge_deferred'):
+                    tokens[i] = term.merge_deferred(tokens[i])
             else:
                 dq, dth = term.backward(x_t, gam)
                 grads[i] = neg_step * dth if grads[i] is None else grads[i] + neg_step * dth

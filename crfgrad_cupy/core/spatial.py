@@ -587,8 +587,9 @@ class SpatialFilter:
     def backward_deferred(self, q, g):
         """(Sᵀ g, token): the parameter gradient of this pair is left for :meth:`param_grad_deferred`,
         which sums the tokens of several calls (e.g. all PGD steps) and finishes them in one pass.
-        On the FFT path the token is the per-frequency sum of ĝ conj(q̂) over the tiles ((F, O, C),
-        small); the transform of g is shared with the adjoint."""
+        On the FFT path the token is the per-frequency sum of ĝ conj(q̂) over the tiles ((F, O, C));
+        :meth:`merge_deferred` adds tokens up as they come, so one is kept.  The transform of g is
+        shared with the adjoint."""
         self._check(q, self.num_in)
         self._check(g, self.num_out)
         if self.method == 'direct':
@@ -598,16 +599,27 @@ class SpatialFilter:
         dq = self._tiled(self._kf_adj, ghat, g.shape[0], g.dtype)
         return dq, (self._corr(q, ghat), np.result_type(q.dtype, g.dtype))
 
+    def merge_deferred(self, tokens):
+        """[one token] equivalent to ``tokens`` (FFT path: summed into the first, in place)."""
+        if self.method == 'direct' or len(tokens) < 2:
+            return list(tokens)
+        r, dtype = tokens[0]
+        for tok in tokens[1:]:
+            r += tok[0]
+            dtype = np.result_type(dtype, tok[1])
+        return [(r, dtype)]
+
     def param_grad_deferred(self, tokens):
         """Σ over the tokens of :meth:`backward_deferred` of d<g, S(q)>/dW: (O, C, k, k)."""
         xp = self.xp
         if self.method == 'direct':
             return direct_weight_grad(xp.concatenate([t[0] for t in tokens], axis=0),
                                       xp.concatenate([t[1] for t in tokens], axis=0), self.k)
-        r = tokens[0][0]
+        r, dtype = tokens[0]
         for tok in tokens[1:]:
             r = r + tok[0]
-        return _corr_to_weight_grad(xp, r, self.tiling, tokens[0][1])
+            dtype = np.result_type(dtype, tok[1])
+        return _corr_to_weight_grad(xp, r, self.tiling, dtype)
 
 
 def spatial_filter(q, weights, method='auto'):
