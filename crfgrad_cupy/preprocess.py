@@ -58,8 +58,9 @@ def load_image(path, mode='RGB'):
             im.load()
             return np.asarray(im.convert(mode), dtype=np.uint8).copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CrfGradError('cannot decode image: %s' % str(exc).replace(path, '').strip(' :'),
-                           file=path) from None
+        msg = 'not a format Pillow can read' if isinstance(exc, Image.UnidentifiedImageError) else \
+            '%s: %s' % (type(exc).__name__, str(exc).replace(path, '<file>'))
+        raise CrfGradError('cannot decode image (%s)' % msg, file=path) from None
 
 
 def load_mask(path):
