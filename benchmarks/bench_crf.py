@@ -127,6 +127,22 @@ def median_time(fn, runs, warmup=1):
     return float(np.median(ts)), len(ts)
 
 
+def interleaved(fns, runs, warmup=1):
+    """Medians of the functions run in turn (a, b, c, a, b, c, ...), so that a change of load
+    during the benchmark hits the compared implementations alike.  A function may return its own
+    time in seconds (else its wall-clock time is taken)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            own = fn()
+            ts[i].append(own if isinstance(own, float) else time.perf_counter() - t)
+    return [float(np.median(t)) for t in ts]
+
+
 def traced_peak(fn):
     """Peak of the NumPy/Python allocations (tracemalloc) while fn runs, in MiB."""
     tracemalloc.start()
@@ -287,20 +303,22 @@ def bench_spatial(torch, runs, rows, notes):
         f = spatial.SpatialFilter(W, h, w)
         for _ in range(T):
             f.apply(q)
-    t_ours, n = median_time(ours, runs)
     f = spatial.SpatialFilter(W, h, w)
-    rows.append(('spatial term, T = 5 applies (one kernel transform), 1×21×375×500', 'ours (%s, %d×%d tiles of '
-                 '%d×%d)' % (f.method, f.tiling.ny, f.tiling.nx, f.tiling.ph, f.tiling.pw), t_ours, n))
+    label = 'ours (%s, %d×%d tiles of %d×%d)' % (f.method, f.tiling.ny, f.tiling.nx, f.tiling.ph, f.tiling.pw)
+    case = 'spatial term, T = 5 applies (one kernel transform), 1×21×375×500'
     if torch is None:
         notes.append('torch is not installed: the spatial and conv2d reference rows are skipped.')
+        t_ours, n = median_time(ours, runs)
+        rows.append((case, label, t_ours, n))
         return t_ours, None
     conv = torch_conv(torch, h, w)
 
     def ref():
         for _ in range(T):
             conv()
-    t_ref, n = median_time(ref, runs)
-    rows.append(('', 'torch conv2d ×5', t_ref, n))
+    t_ours, t_ref = interleaved([ours, ref], runs)
+    rows.append((case, label, t_ours, runs))
+    rows.append(('', 'torch conv2d ×5 (runs interleaved with ours)', t_ref, runs))
     return t_ours, t_ref
 
 
@@ -313,12 +331,12 @@ def bench_gaussian(dcrf, img, runs, rows, notes, label, feats):
     def ours():
         bf = latmod.BilateralFilter(latmod.build_lattice(feats), 'symmetric')
         bf.gaussian(x)
-    t_ours, k = median_time(ours, runs)
     M = latmod.build_lattice(feats).num_vertices
-    rows.append(('Gaussian filtering, 21 channels, 500×375, d = 5, %s (%d lattice points)' % (label, M),
-                 'ours (build + normalisers + one pass)', t_ours, k))
+    case = 'Gaussian filtering, 21 channels, 500×375, d = 5, %s (%d lattice points)' % (label, M)
     if dcrf is None:
         notes.append('pydensecrf is not installed: the Gaussian reference rows are skipped.')
+        t_ours, k = median_time(ours, runs)
+        rows.append((case, 'ours (build + normalisers + one pass)', t_ours, k))
         return t_ours, None
     U = np.ascontiguousarray(-np.log(x / x.sum(axis=0, keepdims=True)))
 
@@ -338,17 +356,19 @@ def bench_gaussian(dcrf, img, runs, rows, notes, label, feats):
         d.inference(steps)
         return time.perf_counter() - t
 
-    build()
-    tb, t1, t0 = [], [], []
-    for _ in range(runs):
+    parts = []
+
+    def ref():
         b, d = build()
-        tb.append(b)
-        t1.append(one_pass(d, 1))
-        t0.append(one_pass(d, 0))
-    t_b, t_p = float(np.median(tb)), float(np.median(t1)) - float(np.median(t0))
-    rows.append(('', 'pydensecrf (addPairwiseEnergy %.1f ms + one filtering %.1f ms)' % (1e3 * t_b, 1e3 * t_p),
-                 t_b + t_p, runs))
-    return t_ours, t_b + t_p
+        t1, t0 = one_pass(d, 1), one_pass(d, 0)
+        parts.append((b, t1 - t0))
+        return b + t1 - t0
+    t_ours, t_ref = interleaved([ours, ref], runs)
+    t_b, t_p = (float(np.median([p[i] for p in parts[1:]])) for i in (0, 1))
+    rows.append((case, 'ours (build + normalisers + one pass)', t_ours, runs))
+    rows.append(('', 'pydensecrf (addPairwiseEnergy %.1f ms + one filtering %.1f ms; runs interleaved with ours)'
+                 % (1e3 * t_b, 1e3 * t_p), t_ref, runs))
+    return t_ours, t_ref
 
 
 def profile_layer(fb):
@@ -419,14 +439,7 @@ def main(argv=None):
     if img_small is None:
         img_small = synthetic_photo(250, 250)
 
-    # 5. the unit: one conv2d per size
     units = {}
-    if torch is not None:
-        for (h, w) in ((250, 250), (375, 500)):
-            units[(h, w)], n = median_time(torch_conv(torch, h, w), args.runs, warmup=2)
-            rows.append(('one torch conv2d 21→21 9×9 on 1×21×%d×%d (the unit)' % (h, w), 'torch (%d threads)'
-                         % torch.get_num_threads(), units[(h, w)], n))
-        print('conv2d', {k: fmt(v) for k, v in units.items()}, flush=True)
 
     # 1. spatial
     t_sp, t_sp_ref = bench_spatial(torch, args.runs, rows, notes)
@@ -447,10 +460,17 @@ def main(argv=None):
         for dtype in (np.float32, np.float64):
             fwd, fb = make_layer(h, w, img, dtype)
             runs = args.runs if dtype == np.float32 else args.slow_runs
-            tf, n1 = median_time(fwd, runs)
-            tb, n2 = median_time(fb, runs)
-            layer_times[(h, w, dtype)] = (tf, tb)
             name = 'CrfGrad layer N=1, L=21, k=9, T=5, %d×%d, %s' % (h, w, np.dtype(dtype).name)
+            if dtype == np.float32 and torch is not None:
+                # 5. the unit: one conv2d on the same size, its runs interleaved with the layer's
+                units[(h, w)], tf, tb = interleaved([torch_conv(torch, h, w), fwd, fb], runs)
+                rows.append(('one torch conv2d 21→21 9×9 on 1×21×%d×%d (the unit; runs interleaved with the '
+                             'layer\'s)' % (h, w), 'torch (%d threads)' % torch.get_num_threads(), units[(h, w)], runs))
+                n1 = n2 = runs
+            else:
+                tf, n1 = median_time(fwd, runs)
+                tb, n2 = median_time(fb, runs)
+            layer_times[(h, w, dtype)] = (tf, tb)
             rows.append((name, 'ours forward', tf, n1))
             rows.append(('', 'ours forward+backward', tb, n2))
             if dtype == np.float32:
@@ -484,7 +504,8 @@ def main(argv=None):
                   _numba_threads(), ', '.join('%s %s' % kv for kv in ver.items()), ' '.join(load0), ' '.join(load1)))
     out.append('Input: %s, 500×375 (and a 250×250 crop); PixelFeature POSITION_AND_RGB features, pos_scale %g, '
                'color_scale %g: %d lattice points for %d pixels. Median of the stated number of runs after one '
-               'warm-up; wall-clock time.\n' % (source, POS_SCALE, COLOR_SCALE, lat.num_vertices, 375 * 500))
+               'warm-up; wall-clock time; the runs of compared implementations are interleaved (a, b, a, b, ...) '
+               'so that load changes during the run affect both.\n' % (source, POS_SCALE, COLOR_SCALE, lat.num_vertices, 375 * 500))
     out.append('| case | implementation | median | runs |')
     out.append('| --- | --- | ---: | ---: |')
     for case, impl, t, n in rows:
