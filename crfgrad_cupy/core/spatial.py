@@ -27,8 +27,10 @@ and ``weight_grad`` (d<g, S(q)>/dW).  Two equivalent paths compute them:
 Everything runs on NumPy or CuPy (``xp.fft``); the dtype of the inputs is kept
 (float32 → complex64 transforms, float64 → complex128).
 """
+import collections
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -205,6 +207,29 @@ def _in_parallel(xp, n, fn, min_chunk=256):
         f.result()
 
 
+_LOCAL = threading.local()
+_KEPT_WORKSPACES = 2
+
+
+def _workspace(key):
+    """The workspace of the tiling ``key`` for this thread: the filters of successive forwards on
+    images of the same size share one (the last _KEPT_WORKSPACES tilings are kept per thread;
+    :func:`clear_workspaces` drops them)."""
+    cache = getattr(_LOCAL, 'workspaces', None)
+    if cache is None:
+        cache = _LOCAL.workspaces = collections.OrderedDict()
+    ws = cache.pop(key, None) or _Workspace()
+    cache[key] = ws
+    while len(cache) > _KEPT_WORKSPACES:
+        cache.popitem(last=False)
+    return ws
+
+
+def clear_workspaces():
+    """Free the kept intermediate arrays of this thread's spatial filters."""
+    _LOCAL.workspaces = collections.OrderedDict()
+
+
 def _buffer(xp, ws, name, shape, dtype, zero=False):
     """A scratch array from the workspace ``ws`` (None: a new one)."""
     if ws is None:
@@ -229,23 +254,25 @@ class _Tiling:
 
     def windows(self, xp, a, ws=None):
         """a (N, C, H, W) -> (C, N·ny·nx, Ph, Pw): the input window of every tile (the image
-        zero-padded by p; window (i, j) starts at padded row i·th, column j·tw), channel-major."""
+        zero-padded by p; window (i, j) starts at padded row i·th, column j·tw), channel-major.
+        Each window receives its part of the image straight from ``a``; the rest of the (kept)
+        buffer is zero from its allocation and never written."""
         n, c, h, w = a.shape
         th, tw, ph, pw, p = self.th, self.tw, self.ph, self.pw, self.p
-        pad = _buffer(xp, ws, 'pad', (c, n, (self.ny - 1) * th + ph, (self.nx - 1) * tw + pw), a.dtype, True)
-        out = _buffer(xp, ws, 'windows', (c, n, self.ny, self.nx, ph, pw), a.dtype)
+        out = _buffer(xp, ws, 'windows', (c, n, self.ny, self.nx, ph, pw), a.dtype, True)
         at = a.transpose(1, 0, 2, 3)
-        single = self.ny == 1 and self.nx == 1
+        boxes = []
+        for i in range(self.ny):
+            y0, y1 = max(0, i * th - p), min(h, i * th - p + ph)           # image rows of window i
+            for j in range(self.nx):
+                x0, x1 = max(0, j * tw - p), min(w, j * tw - p + pw)
+                if y1 > y0 and x1 > x0:
+                    boxes.append((i, j, y0, y1, x0, x1, y0 - (i * th - p), x0 - (j * tw - p)))
 
         def part(lo, hi):
-            pad[lo:hi, :, p:p + h, p:p + w] = at[lo:hi]                    # the border stays zero
-            if not single:
-                for i in range(self.ny):
-                    for j in range(self.nx):
-                        out[lo:hi, :, i, j] = pad[lo:hi, :, i * th:i * th + ph, j * tw:j * tw + pw]
+            for i, j, y0, y1, x0, x1, oy, ox in boxes:
+                out[lo:hi, :, i, j, oy:oy + y1 - y0, ox:ox + x1 - x0] = at[lo:hi, :, y0:y1, x0:x1]
         _in_parallel(xp, c, part, min_chunk=1)
-        if single:
-            return pad.reshape(c, n, ph, pw)
         return out.reshape(c, n * self.ny * self.nx, ph, pw)
 
     def cores(self, xp, a, ws=None):
@@ -508,7 +535,8 @@ class SpatialFilter:
         self.tiling = _Tiling(self.height, self.width, self.k)
         self.grid = (self.tiling.ph, self.tiling.pw)
         self._kf = self._kf_adj_cache = None
-        self._ws = _Workspace()
+        t = self.tiling
+        self._ws = _workspace((self.xp.__name__, t.th, t.tw, t.ph, t.pw, t.ny, t.nx))
         if method == 'fft':
             # correlation on a window: tap ky at (-ky) mod Ph
             ph, pw = self.grid
