@@ -274,6 +274,28 @@ def test_tiled_fft_float32_close_to_direct():
         assert np.abs(a - b).max() <= 2e-5 * np.abs(b).max()
 
 
+def test_shared_workspaces_keep_results_apart(monkeypatch):
+    """Filters of one tiling share their scratch arrays: results must not alias them, and other
+    channel counts or batch sizes on the same tiling must still be right."""
+    monkeypatch.setattr(spatial, '_MAX_PERIOD', 16)
+    spatial.clear_workspaces()
+    rng = np.random.default_rng(8)
+    W1, W2 = rng.standard_normal((3, 2, 5, 5)), rng.standard_normal((2, 4, 5, 5))
+    f1, f2 = spatial.SpatialFilter(W1, 20, 23, 'fft'), spatial.SpatialFilter(W2, 20, 23, 'fft')
+    q1, q2 = rng.standard_normal((1, 2, 20, 23)), rng.standard_normal((3, 4, 20, 23))
+    y1 = f1.apply(q1)
+    keep = y1.copy()
+    y2 = f2.apply(q2)
+    y1b = f1.apply(rng.standard_normal((1, 2, 20, 23)))
+    np.testing.assert_array_equal(y1, keep)
+    assert not np.shares_memory(y1, y1b)
+    np.testing.assert_allclose(y2, brute_conv(q2, W2), atol=1e-11 * np.abs(y2).max())
+    np.testing.assert_allclose(f1.apply(q1), keep, atol=1e-12)
+    g = rng.standard_normal((1, 3, 20, 23))
+    np.testing.assert_allclose(f1.weight_grad(q1, g), brute_weight_grad(q1, g, 5), atol=1e-10)
+    spatial.clear_workspaces()
+
+
 @pytest.mark.parametrize('h,w,k', [(9, 12, 9), (40, 33, 5), (7, 3, 3)])
 def test_kernel_transform_equals_numpy_fft(h, w, k):
     rng = np.random.default_rng(h)
