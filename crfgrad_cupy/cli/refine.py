@@ -21,7 +21,8 @@ def register(sub):
     p.add_argument('--out', default='.', help='output folder (default: current folder)')
     p.add_argument('--layout', choices=['auto', 'lhw', 'hwl'], default='auto')
     p.add_argument('--softmax', action='store_true', help='the .npy holds scores: apply a softmax over classes')
-    p.add_argument('--weights', help='learned filters from this .caffemodel / .caffemodel.h5')
+    p.add_argument('--weights', help="learned filters from this .caffemodel / .caffemodel.h5 ('default': the bundled "
+                                     "horse model's, trained at 96 px: use --size 96)")
     p.add_argument('--layer', help='the CrfGrad layer in --weights (default: the only one)')
     p.add_argument('--size', type=int,
                    help='run the CRF at the map fitted into SIZE x SIZE (learned filters act at the resolution '
@@ -72,7 +73,8 @@ def run(args):
         raise CrfGradError(str(exc), file=args.probs) from None
     crf, blobs = {}, None
     if args.weights:
-        learned = sg.learned_crf(args.weights, args.layer)
+        weights = sg.default_model()[1] if args.weights == 'default' else args.weights
+        learned = sg.learned_crf(weights, args.layer)
         blobs = learned['blobs']
         crf.update(learned.get('crf', {}))
         for key in ('pos_scale', 'color_scale'):
