@@ -14,9 +14,10 @@ intersections/unions summed over the evaluated split at each mask's full resolut
    the bilateral weight chosen on val;
 5. + full learned: every CrfGrad parameter learned.
 
-Learned rows are trained end to end (unary net + CRF, from row 1's unary net) on the train split,
-keeping the iterate with the best val mean IoU (``--learn e2e``, default), or with the unary net
-fixed, on held-out unaries of the train images (``--learn crossfit``, as the bundled model).
+Learned rows start from their Gaussian row's filters and are trained end to end (unary net + CRF,
+from row 1's unary net) on the train split, keeping the iterate with the best val mean IoU
+(``--learn e2e``, default), or with the unary net fixed, on held-out unaries of the train images
+(``--learn crossfit``, as the bundled model).
 The unary net is trained on train only (val picks the iterate).  ``--split val`` evaluates on
 val, which also made every choice above, so those numbers are optimistic; ``--split test``
 (or ``--eval-dir`` with any folder holding images/ + masks/) evaluates held-out images.
