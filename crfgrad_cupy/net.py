@@ -468,11 +468,14 @@ class Net:
         return self._layer_need_backward[self._layer_names.index(name)]
 
     # -- weights -------------------------------------------------------------------------
-    def copy_from(self, path):
+    def copy_from(self, path, weights=None):
         """Copy parameters by layer name from a .caffemodel or Caffe HDF5 file.
 
-        Returns the names of layers in the file that match no layer here (they are logged)."""
-        weights = _read_weights(path)
+        ``weights``: the file's contents when already loaded (io.hdf5_weights.load_weights), so
+        the file is not read again.  Returns the names of layers in the file that match no layer
+        here (they are logged)."""
+        if weights is None:
+            weights = _read_weights(path)
         unmatched = []
         for name, arrays in weights.items():
             layer = self.layer_dict.get(name)

@@ -131,7 +131,7 @@ def load_net(model, weights=None, energy=False):
         if missing:
             log.warning('%s: no weights for layer(s) %s; they keep their initial values', weights,
                         ', '.join(missing))
-        net.copy_from(weights)
+        net.copy_from(weights, weights=held)
     net.energy_blobs = energy_blobs
     return net
 
