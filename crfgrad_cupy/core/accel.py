@@ -40,3 +40,23 @@ def kernels(xp=None):
     if not enabled() or not available():
         return None
     return _state['module']
+
+
+_POOL = {}
+
+
+def in_parallel(xp, n, fn, min_chunk=256):
+    """fn(lo, hi) over a split of range(n): for NumPy arrays in one thread per CPU core (for work
+    that releases the GIL but runs single-threaded: copies, sorts, batched small matrix products),
+    else in one call."""
+    workers = os.cpu_count() or 1
+    if getattr(xp, '__name__', '') != 'numpy' or workers < 2 or n < 2 * min_chunk:
+        fn(0, n)
+        return
+    if 'pool' not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL['pool'] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='crfgrad')
+    step = -(-n // workers)
+    futures = [_POOL['pool'].submit(fn, lo, min(n, lo + step)) for lo in range(0, n, step)]
+    for f in futures:
+        f.result()

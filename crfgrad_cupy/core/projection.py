@@ -79,9 +79,30 @@ def leaky_apply(s, tau, leak):
     return xp.where(z > 0, z, z * s.dtype.type(leak))
 
 
+def _threshold_split(s, axis):
+    """simplex_threshold of a large NumPy array in pieces along another axis, one thread per core
+    (the sort and the scans release the GIL)."""
+    xp = backend.get_array_module(s)
+    axis = axis % s.ndim
+    other = [i for i in range(s.ndim) if i != axis and s.shape[i] > 1]
+    if xp is not np or not other or s.size < (1 << 16):
+        return simplex_threshold(s, axis)
+    split = max(other, key=lambda i: s.shape[i])
+    kept = _kept_shape(s.shape, axis)
+    tau = np.empty(kept, dtype=s.dtype)
+    rho = np.empty(kept, dtype=np.int32)
+
+    def part(lo, hi):
+        idx = tuple(slice(lo, hi) if i == split else slice(None) for i in range(s.ndim))
+        t, r = simplex_threshold(s[idx], axis)
+        tau[idx], rho[idx] = t, r
+    accel.in_parallel(xp, s.shape[split], part, min_chunk=1)
+    return tau, rho
+
+
 def project_simplex(s, leak, axis=0):
     """Leaky simplex projection of ``s`` along ``axis``. Returns (out, ProjectionInfo)."""
-    tau, rho = simplex_threshold(s, axis)
+    tau, rho = _threshold_split(s, axis)
     return leaky_apply(s, tau, leak), ProjectionInfo(tau, rho)
 
 

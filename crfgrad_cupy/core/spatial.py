@@ -35,6 +35,7 @@ import threading
 import numpy as np
 
 from .. import backend
+from . import accel
 
 # Flop model for method='auto': a real 2-D FFT costs ~_FFT_COST·P·log2(P); the direct path's
 # matmuls run ~4x faster per flop than the FFT path (measured with NumPy/OpenBLAS), hence the weight.
@@ -187,24 +188,8 @@ class _Workspace:
         return a
 
 
-_POOL = {}
-
-
 def _in_parallel(xp, n, fn, min_chunk=256):
-    """fn(lo, hi) over a split of range(n): on NumPy in one thread per CPU core (the copies and
-    the batched small matrix products below release the GIL but run single-threaded otherwise),
-    else in one call."""
-    workers = os.cpu_count() or 1
-    if xp.__name__ != 'numpy' or workers < 2 or n < 2 * min_chunk:
-        fn(0, n)
-        return
-    if 'pool' not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL['pool'] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='crfgrad-spatial')
-    step = -(-n // workers)
-    futures = [_POOL['pool'].submit(fn, lo, min(n, lo + step)) for lo in range(0, n, step)]
-    for f in futures:
-        f.result()
+    accel.in_parallel(xp, n, fn, min_chunk)
 
 
 _LOCAL = threading.local()
