@@ -294,8 +294,12 @@ class _Tiling:
         """rfft2 over the last two axes on the Ph×Pw period (zero-padding smaller tiles)."""
         return _fft(xp).rfft2(a, s=(self.ph, self.pw), axes=(-2, -1), **_fft_options(xp))
 
-    def irfft(self, xp, a):
-        return _fft(xp).irfft2(a, s=(self.ph, self.pw), axes=(-2, -1), **_fft_options(xp))
+    def irfft(self, xp, a, overwrite=False):
+        """Inverse of :meth:`rfft`; ``overwrite``: ``a`` is scratch (saves a copy on NumPy)."""
+        opts = _fft_options(xp)
+        if overwrite and opts:
+            opts['overwrite_x'] = True
+        return _fft(xp).irfft2(a, s=(self.ph, self.pw), axes=(-2, -1), **opts)
 
 
 def _tap_dft(xp, k, period, nfreq, cdtype, offset):
@@ -557,7 +561,8 @@ class SpatialFilter:
 
     def _tiled(self, kf, ahat, n, dtype):
         xp, t = self.xp, self.tiling
-        return t.assemble(xp, t.irfft(xp, _tile_mix(xp, kf, ahat, self._ws)), n).astype(dtype, copy=False)
+        return t.assemble(xp, t.irfft(xp, _tile_mix(xp, kf, ahat, self._ws), overwrite=True),
+                          n).astype(dtype, copy=False)
 
     def apply(self, q):
         """S(q): (N, C, H, W) -> (N, O, H, W)."""
