@@ -268,6 +268,7 @@ def main(argv=None):
     if args.split == 'val' and not args.eval_dir:
         lines.append('- Caveat: val chose the unary iterate, the Gaussian settings and the learned iterates, so '
                      'these val numbers are optimistic; the test split is held out of this repository.')
+    lines += ['', '![learned spatial filters](%s)' % os.path.basename(args.figure)]
     text = '\n'.join(lines) + '\n'
     write_results(args.results, text)
     with open(os.path.join(args.work, 'table1.json'), 'w') as f:
