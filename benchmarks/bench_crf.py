@@ -549,6 +549,10 @@ def main(argv=None):
         out.append('| float64 / float32, %d×%d (forward, forward+backward) | %.1f×, %.1f× | |'
                    % (h, w, f64[0] / f32[0], f64[1] / f32[1]))
     out.append('')
+    out.append('On this shared 2-core machine the ratios move by about ±10 % from run to run (the numba kernels '
+               'and the spatial term use both cores, pydensecrf one: when another process takes a core, the '
+               'Gaussian comparison loses most of its margin). Rerun with more --runs when a value is close to '
+               'its target.\n')
     out.append('### Memory\n')
     for (h, w), (m, r) in mem.items():
         out.append('- %d×%d forward+backward, float32: peak of the NumPy allocations (tracemalloc; the numba '
