@@ -4,10 +4,10 @@ Checked against the oracle (relu_*, dropout_*, eltwise_*), float64 finite differ
 and closed-form / invariant checks (in-place use, Caffe's tie and corner-case rules)."""
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 import oracle_util
 from gradcheck import check_layer_gradients
+from layer_util import make_layer
 from crfgrad_cupy import CrfGradError
 from crfgrad_cupy.blob import Blob
 from crfgrad_cupy.layers.base import create_layer
@@ -16,20 +16,7 @@ from crfgrad_cupy.proto import caffe_pb2
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
 
-def make(text, arrays, phase=TEST, n_top=1, inplace=False):
-    """Build and set up a layer on bottoms holding ``arrays``; returns (layer, bottoms, tops)."""
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(text, lp)
-    lp.name = lp.name or 'L'
-    layer = create_layer(lp, phase)
-    bottoms = []
-    for a in arrays:
-        b = Blob(np.shape(a))
-        b.data = np.asarray(a)
-        bottoms.append(b)
-    tops = [bottoms[0]] if inplace else [Blob(()) for _ in range(n_top)]
-    layer.setup(bottoms, tops)
-    return layer, bottoms, tops
+make = make_layer
 
 
 def run(text, arrays, top_diff=None, phase=TEST, inplace=False):

@@ -4,10 +4,10 @@ Checked against the oracle (crop_*, concat_*), float64 finite differences and Nu
 slicing / reshaping, plus Caffe's parameter rules and errors."""
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 import oracle_util
 from gradcheck import check_layer_gradients
+from layer_util import make_layer
 from crfgrad_cupy import CrfGradError
 from crfgrad_cupy.blob import Blob
 from crfgrad_cupy.layers.base import create_layer
@@ -16,19 +16,7 @@ from crfgrad_cupy.proto import caffe_pb2
 TEST = caffe_pb2.TEST
 
 
-def make(text, arrays, n_top=1):
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(text, lp)
-    lp.name = lp.name or 'L'
-    layer = create_layer(lp, TEST)
-    bottoms = []
-    for a in arrays:
-        b = Blob(np.shape(a))
-        b.data = np.asarray(a)
-        bottoms.append(b)
-    tops = [Blob(()) for _ in range(n_top)]
-    layer.setup(bottoms, tops)
-    return layer, bottoms, tops
+make = make_layer
 
 
 def forward(text, arrays, n_top=1):

@@ -184,7 +184,7 @@ def test_cli_train_resume_test_and_parse_log(tmp_path, monkeypatch, capsys):
     assert (tmp_path / 'tables.train.csv').exists() and (tmp_path / 'tables.test.csv').exists()
 
 
-def test_cli_errors(tmp_path, monkeypatch, capsys):
+def test_cli_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _cli_setup(tmp_path)
     assert cli_main(['train', 'solver.prototxt', '--weights', 'a', '--snapshot', 'b']) == 2
