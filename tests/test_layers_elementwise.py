@@ -21,7 +21,7 @@ make = make_layer
 
 def run(text, arrays, top_diff=None, phase=TEST, inplace=False):
     """Forward (and backward with ``top_diff``); returns (top data, [bottom diffs], layer)."""
-    layer, bottoms, tops = make(text, arrays, phase, inplace=inplace)
+    layer, bottoms, tops = make(text, arrays, phase=phase, inplace=inplace)
     layer.forward(bottoms, tops)
     y = tops[0].data.copy()
     diffs = None
