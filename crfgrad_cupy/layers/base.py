@@ -90,6 +90,14 @@ class Layer:
     def make_blob(self, shape):
         return Blob(shape)
 
+    def filled_blob(self, shape, message, field):
+        """A new parameter Blob of ``shape`` filled by the FillerParameter ``message.<field>``
+        (zeros when the field is unset, as Caffe's default constant filler)."""
+        from .fillers import fill
+        blob = self.make_blob(shape)
+        fill(blob, getattr(message, field) if message.HasField(field) else None, layer=self.name)
+        return blob
+
     def allow_force_backward(self, bottom_index):
         return True
 

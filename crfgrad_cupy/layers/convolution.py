@@ -1,7 +1,6 @@
 """Convolution and Deconvolution layers (Caffe's, 2-D, axis 1), on :mod:`crfgrad_cupy.core.conv`."""
 from ..core import conv as C
 from .base import Layer, register
-from .fillers import fill
 
 
 def _geometry(layer, p):
@@ -102,13 +101,9 @@ class _BaseConvolution(Layer):
                 if self.blobs[1].shape != (self.num_output,):
                     self.blobs[1].reshape(self.num_output)
             return
-        w = self.make_blob(wshape)
-        fill(w, p.weight_filler if p.HasField('weight_filler') else None, layer=self.name)
-        self.blobs = [w]
+        self.blobs = [self.filled_blob(wshape, p, 'weight_filler')]
         if self.bias_term:
-            b = self.make_blob((self.num_output,))
-            fill(b, p.bias_filler if p.HasField('bias_filler') else None, layer=self.name)
-            self.blobs.append(b)
+            self.blobs.append(self.filled_blob((self.num_output,), p, 'bias_filler'))
 
     def _out_size(self, h, w):
         f = C.deconv_output_size if self.transposed else C.conv_output_size

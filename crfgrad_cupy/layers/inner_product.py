@@ -1,6 +1,5 @@
 """InnerProduct (fully connected) layer, as Caffe's."""
 from .base import Layer, register
-from .fillers import fill
 
 
 def canonical_axis(axis, ndim, layer, field='axis'):
@@ -46,13 +45,9 @@ class InnerProductLayer(Layer):
                     b.reshape(w)
             return
         wshape = (self.K, self.num_output) if self.transpose else (self.num_output, self.K)
-        w = self.make_blob(wshape)
-        fill(w, p.weight_filler if p.HasField('weight_filler') else None, layer=self.name)
-        self.blobs = [w]
+        self.blobs = [self.filled_blob(wshape, p, 'weight_filler')]
         if self.bias_term:
-            b = self.make_blob((self.num_output,))
-            fill(b, p.bias_filler if p.HasField('bias_filler') else None, layer=self.name)
-            self.blobs.append(b)
+            self.blobs.append(self.filled_blob((self.num_output,), p, 'bias_filler'))
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape

@@ -148,9 +148,7 @@ class BiasLayer(Layer):
         if len(bottom) == 1 and not self.blobs:
             shape = _Broadcast.setup_param_shape(self, bottom[0].shape, 'bias_param.axis', 'bias_param.num_axes',
                                                  int(p.axis), int(p.num_axes))
-            b = self.make_blob(shape)
-            fill(b, p.filler if p.HasField('filler') else None, layer=self.name)
-            self.blobs = [b]
+            self.blobs = [self.filled_blob(shape, p, 'filler')]
 
     def _bias(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
@@ -209,9 +207,7 @@ class ScaleLayer(Layer):
                     bshape = tuple(bottom[1].shape)
                 else:
                     bshape = tuple(self.blobs[0].shape)
-                b = self.make_blob(bshape)
-                fill(b, p.bias_filler if p.HasField('bias_filler') else None, layer=self.name)
-                self.blobs.append(b)
+                self.blobs.append(self.filled_blob(bshape, p, 'bias_filler'))
             self.bias_index = len(self.blobs) - 1
         want = (1 if nb == 1 else 0) + (1 if self.bias_term else 0)
         if len(self.blobs) != want:

@@ -21,7 +21,6 @@ import numpy as np
 from ..core import lattice as latmod
 from ..proto import caffe_pb2
 from .base import Layer, register
-from .fillers import fill
 
 _P = caffe_pb2.PermutohedralParameter
 
@@ -74,13 +73,10 @@ class PermutohedralLayer(Layer):
                 if b.shape != w:
                     b.reshape(w)
         else:
-            blobs = [self.make_blob(fshape)]
-            if self.bias_term:   # Caffe fills the bias first, then the filter
-                bias = self.make_blob(want[1])
-                fill(bias, p.bias_filler if p.HasField('bias_filler') else None, layer=self.name)
-                blobs.append(bias)
-            fill(blobs[0], p.filter_filler if p.HasField('filter_filler') else None, layer=self.name)
-            self.blobs = blobs
+            bias = self.filled_blob(want[1], p, 'bias_filler') if self.bias_term else None
+            self.blobs = [self.filled_blob(fshape, p, 'filter_filler')]   # Caffe fills the bias first
+            if bias is not None:
+                self.blobs.append(bias)
         self._ops = None          # per image: BilateralFilter (lattice + normalisers)
         self._splatted = None     # per image: splat of the normalised input of the last forward
 
