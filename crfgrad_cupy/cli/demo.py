@@ -76,7 +76,7 @@ def run(args):
     overview_figure(rows, os.path.join(args.out, 'overview.png'))
     E = plots.crf_energy_curves(seg.net, inputs)
     plots.plot_energies(E, normalize=False, path=os.path.join(args.out, 'energy.png'),
-                        title='CRF energy per CRF-Grad step, as the model runs (leak %g)'
+                        title='CRF energy per step, as the model runs (leak %g)'
                               % seg.net.layer_dict[sg.crf_layer_names(seg.net)[-1]].leak_factor)
     E0 = plots.crf_energy_curves(seg.net, inputs, leak_factor=0.0)
     plots.plot_energies(E0, normalize=False, path=os.path.join(args.out, 'energy_leak0.png'),
