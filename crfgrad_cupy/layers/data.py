@@ -368,6 +368,35 @@ class _DataLayer(Layer):
             top.reshape(*arr.shape)
         top.data[...] = xp.asarray(arr, dtype=top.dtype)
 
+    # list-fed layers (ImageData, ImageLabelData): a cursor over self.items
+    def _start_list(self, items, shuffle, rand_skip, field):
+        """Caffe's start of a list: optional shuffle, then a random skip of up to rand_skip items."""
+        self.items = list(items)
+        self.rng = _layer_rng()
+        self.shuffle = bool(shuffle)
+        if self.shuffle:
+            self._shuffle()
+        self.pos = 0
+        if rand_skip:
+            skip = int(self.rng.integers(rand_skip))
+            if skip >= len(self.items):
+                raise self.error('rand_skip leaves no data', field=field)
+            self.pos = skip
+
+    def _shuffle(self):
+        order = self.rng.permutation(len(self.items))
+        self.items = [self.items[i] for i in order]
+
+    def _next_item(self):
+        """The item under the cursor; the cursor moves on, wrapping (and reshuffling) at the end."""
+        item = self.items[self.pos]
+        self.pos += 1
+        if self.pos >= len(self.items):
+            self.pos = 0
+            if self.shuffle:
+                self._shuffle()
+        return item
+
 
 # --- HDF5Data ---------------------------------------------------------------------------------
 
@@ -489,7 +518,7 @@ class ImageDataLayer(_DataLayer):
         if self.batch_size <= 0:
             raise self.error('batch_size must be positive', field='image_data_param.batch_size')
         self.source = p.source
-        self.lines = []
+        lines = []
         for k, ln in enumerate(read_list_file(p.source, self.name, 'image_data_param.source')):
             pos = ln.rfind(' ')
             name, lab = (ln[:pos], ln[pos + 1:]) if pos >= 0 else (ln, '0')
@@ -498,29 +527,16 @@ class ImageDataLayer(_DataLayer):
             except ValueError:
                 raise CrfGradError('line %d: the label %r is not an integer' % (k + 1, lab), file=p.source,
                                    line=k + 1, layer=self.name, field='image_data_param.source') from None
-            self.lines.append((name, label))
-        if not self.lines:
+            lines.append((name, label))
+        if not lines:
             raise CrfGradError('the list file is empty', file=p.source, layer=self.name,
                                field='image_data_param.source')
-        self.rng = _layer_rng()
+        self._start_list(lines, p.shuffle, p.rand_skip, 'image_data_param.rand_skip')
         self.transformer = DataTransformer(self.param.transform_param, self.phase, self.rng, self.name)
-        self.shuffle = bool(p.shuffle)
-        if self.shuffle:
-            self._shuffle()
-        self.pos = 0
-        if p.rand_skip:
-            skip = int(self.rng.integers(p.rand_skip))
-            if skip >= len(self.lines):
-                raise self.error('rand_skip leaves no data', field='image_data_param.rand_skip')
-            self.pos = skip
-        img = self._read(self.lines[self.pos][0])
+        img = self._read(self.items[self.pos][0])
         oh, ow = self.transformer.out_size(*img.shape[:2])
         top[0].reshape(self.batch_size, img.shape[2] if img.ndim == 3 else 1, oh, ow)
         top[1].reshape(self.batch_size)
-
-    def _shuffle(self):
-        order = self.rng.permutation(len(self.lines))
-        self.lines = [self.lines[i] for i in order]
 
     def _read(self, name):
         path = resolve_listed(self.root + name, self.source)
@@ -532,7 +548,7 @@ class ImageDataLayer(_DataLayer):
     def forward(self, bottom, top):
         data, labels = [], []
         for _ in range(self.batch_size):
-            name, label = self.lines[self.pos]
+            name, label = self._next_item()
             x, _ = self.transformer(self._read(name))
             if data and x.shape != data[0].shape:
                 raise CrfGradError('image gives a %s blob but the first image of the batch gave %s '
@@ -540,11 +556,6 @@ class ImageDataLayer(_DataLayer):
                                    file=self.root + name, layer=self.name)
             data.append(x)
             labels.append(label)
-            self.pos += 1
-            if self.pos >= len(self.lines):
-                self.pos = 0
-                if self.shuffle:
-                    self._shuffle()
         self._put(top[0], np.stack(data))
         self._put(top[1], np.asarray(labels, dtype=np.float32))
 
@@ -583,7 +594,7 @@ class ImageLabelDataLayer(_DataLayer):
         if not images:
             raise CrfGradError('the image list is empty', file=p.image_list_path, layer=self.name,
                                field='image_label_data_param.image_list_path')
-        self.pairs = list(zip(images, labels))
+        pairs = list(zip(images, labels))
         self.batch_size = int(p.batch_size)
         if self.batch_size <= 0:
             raise self.error('batch_size must be positive', field='image_label_data_param.batch_size')
@@ -600,28 +611,15 @@ class ImageLabelDataLayer(_DataLayer):
         self.slice_offset = [int(o) for o in sl.offset] or [0, 0]
         if min(self.slice_stride) < 1:
             raise self.error('label_slice stride must be positive', field='image_label_data_param.label_slice')
-        self.rng = _layer_rng()
+        self._start_list(pairs, p.shuffle, p.rand_skip, 'image_label_data_param.rand_skip')
         self.transformer = DataTransformer(tp, self.phase, self.rng, self.name)
-        self.shuffle = bool(p.shuffle)
-        if self.shuffle:
-            self._shuffle()
-        self.pos = 0
-        if p.rand_skip:
-            skip = int(self.rng.integers(p.rand_skip))
-            if skip >= len(self.pairs):
-                raise self.error('rand_skip leaves no data', field='image_label_data_param.rand_skip')
-            self.pos = skip
-        img = pad_to_min_size(self._read_image(self.pairs[self.pos][0]), self.crop)
+        img = pad_to_min_size(self._read_image(self.items[self.pos][0]), self.crop)
         h, w = self.transformer.out_size(*img.shape[:2])
         top[0].reshape(self.batch_size, img.shape[2], h, w)
         top[1].reshape(self.batch_size, 1, *self._label_dims(h, w))
 
     def _label_dims(self, h, w):
         return tuple(self.slice_dim) if self.slice_dim else (h, w)
-
-    def _shuffle(self):
-        order = self.rng.permutation(len(self.pairs))
-        self.pairs = [self.pairs[i] for i in order]
 
     def _read_image(self, name):
         return read_image(resolve_listed(self.image_dir + name, self.image_list), True, self.name)
@@ -672,7 +670,7 @@ class ImageLabelDataLayer(_DataLayer):
     def forward(self, bottom, top):
         data, labels = [], []
         for _ in range(self.batch_size):
-            image_name, label_name = self.pairs[self.pos]
+            image_name, label_name = self._next_item()
             x, t = self.load_item(image_name, label_name)
             if data and x.shape != data[0].shape:
                 raise CrfGradError('image gives a %s blob but the first image of the batch gave %s '
@@ -680,10 +678,5 @@ class ImageLabelDataLayer(_DataLayer):
                                    layer=self.name)
             data.append(x)
             labels.append(t[None])
-            self.pos += 1
-            if self.pos >= len(self.pairs):
-                self.pos = 0
-                if self.shuffle:
-                    self._shuffle()
         self._put(top[0], np.stack(data))
         self._put(top[1], np.stack(labels))
