@@ -3,30 +3,7 @@ import numpy as np
 import pytest
 
 from crfgrad_cupy.core import pgd, projection, rounding, spatial, unary
-
-
-def brute_conv(q, W):
-    """Caffe convolution by explicit sums over taps (reference)."""
-    n, c, h, w = q.shape
-    o, _, k, _ = W.shape
-    p = k // 2
-    qp = np.pad(q, ((0, 0), (0, 0), (p, p), (p, p)))
-    out = np.zeros((n, o, h, w))
-    for ky in range(k):
-        for kx in range(k):
-            out += np.einsum('oc,nchw->nohw', W[:, :, ky, kx], qp[:, :, ky:ky + h, kx:kx + w])
-    return out
-
-
-def brute_weight_grad(q, g, k):
-    n, c, h, w = q.shape
-    p = k // 2
-    qp = np.pad(q, ((0, 0), (0, 0), (p, p), (p, p)))
-    out = np.zeros((g.shape[1], c, k, k))
-    for ky in range(k):
-        for kx in range(k):
-            out[:, :, ky, kx] = np.einsum('nohw,nchw->oc', g, qp[:, :, ky:ky + h, kx:kx + w])
-    return out
+from reference_ops import brute_conv, brute_weight_grad
 
 
 # ------------------------------------------------------------------------------------ spatial

@@ -2,27 +2,18 @@
 fork's description, finite differences, adjointness, output-size rules and errors."""
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 import oracle_util
 from gradcheck import check_layer_gradients
 from crfgrad_cupy import CrfGradError
-from crfgrad_cupy.blob import Blob
-from crfgrad_cupy.layers.base import create_layer
 from crfgrad_cupy.proto import caffe_pb2
+from layer_util import make_layer
 
 TEST = caffe_pb2.TEST
 
 
 def make(param, x):
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge('name: "i" type: "Interp" interp_param { %s }' % param, lp)
-    layer = create_layer(lp, TEST)
-    b = Blob(x.shape)
-    b.data = x
-    t = Blob(())
-    layer.setup([b], [t])
-    return layer, [b], [t]
+    return make_layer('name: "i" type: "Interp" interp_param { %s }' % param, [x])
 
 
 def reference_interp(x, h_out, w_out, pad_beg=0, pad_end=0):

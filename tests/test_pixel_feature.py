@@ -4,13 +4,11 @@ import math
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
 import oracle_util
-from crfgrad_cupy.blob import Blob
 from crfgrad_cupy.layers import fillers
-from crfgrad_cupy.layers.base import create_layer
 from crfgrad_cupy.proto import caffe_pb2
+from layer_util import make_layer
 
 TEST = caffe_pb2.TEST
 
@@ -22,14 +20,7 @@ def test_oracle(name, shared_dir):
 
 
 def make(param, x):
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge('name: "pf" type: "PixelFeature" pixel_feature_param { %s }' % param, lp)
-    layer = create_layer(lp, TEST)
-    b = Blob(x.shape)
-    b.data = x
-    t = Blob(())
-    layer.setup([b], [t])
-    return layer, [b], [t]
+    return make_layer('name: "pf" type: "PixelFeature" pixel_feature_param { %s }' % param, [x])
 
 
 def _image(shape=(2, 3, 4, 5), seed=0):

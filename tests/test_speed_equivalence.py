@@ -24,6 +24,7 @@ from crfgrad_cupy.core import accel, pgd, projection, spatial
 from crfgrad_cupy.core import lattice as L
 from crfgrad_cupy.layers.base import create_layer
 from crfgrad_cupy.proto import caffe_pb2
+from reference_ops import brute_conv, brute_weight_grad
 
 HAVE_NUMBA = accel.available()
 needs_numba = pytest.mark.skipif(accel.kernels(np) is None,
@@ -54,31 +55,6 @@ def ref_blur(lat, z, w):
 def ref_taps_grad(lat, z, g):
     zp = np.concatenate([z, np.zeros((z.shape[0], 1), z.dtype)], axis=1)
     return np.stack([g @ zp[:, lat.nbr[:, f]].T for f in range(lat.num_taps)], axis=-1)
-
-
-def brute_conv(q, W):
-    n, c, h, w = q.shape
-    o, _, k, _ = W.shape
-    p = k // 2
-    qp = np.zeros((n, c, h + 2 * p, w + 2 * p), dtype=np.float64)
-    qp[:, :, p:p + h, p:p + w] = q
-    out = np.zeros((n, o, h, w))
-    for ky in range(k):
-        for kx in range(k):
-            out += np.einsum('oc,nchw->nohw', W[:, :, ky, kx], qp[:, :, ky:ky + h, kx:kx + w])
-    return out
-
-
-def brute_weight_grad(q, g, k):
-    n, c, h, w = q.shape
-    p = k // 2
-    qp = np.zeros((n, c, h + 2 * p, w + 2 * p))
-    qp[:, :, p:p + h, p:p + w] = q
-    out = np.zeros((g.shape[1], c, k, k))
-    for ky in range(k):
-        for kx in range(k):
-            out[:, :, ky, kx] = np.einsum('nohw,nchw->oc', g, qp[:, :, ky:ky + h, kx:kx + w])
-    return out
 
 
 def numpy_fft_conv(q, W):
