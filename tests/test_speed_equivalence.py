@@ -20,15 +20,16 @@ import pytest
 from google.protobuf import text_format
 
 from crfgrad_cupy.blob import Blob
-from crfgrad_cupy.core import accel, pgd, projection, spatial
+from crfgrad_cupy.core import accel, cuda_kernels, pgd, projection, spatial
 from crfgrad_cupy.core import lattice as L
 from crfgrad_cupy.layers.base import create_layer
 from crfgrad_cupy.proto import caffe_pb2
 from reference_ops import brute_conv, brute_weight_grad
 
 HAVE_NUMBA = accel.available()
-needs_numba = pytest.mark.skipif(accel.kernels(np) is None,
-                                 reason='numba is not installed or CRFGRAD_NO_NUMBA is set')
+needs_numba = pytest.mark.skipif(accel.kernels(np) is None or cuda_kernels.kernels(np) is not None,
+                                 reason='numba is not installed, CRFGRAD_NO_NUMBA is set, or the emulated '
+                                        'CUDA kernels (CRFGRAD_EMULATE_RAWKERNEL) replace it')
 
 
 @pytest.fixture

@@ -3,8 +3,10 @@
     python3 tools/gpu_check.py --shared DIR [--out DIR] [--quick]
 
 1. the test subset that compares against ../shared/oracle, on CuPy (pytest with CRFGRAD_TEST_DEVICE=gpu);
-2. CuPy against NumPy on the bundled model and on random CrfGrad instances (forward and every diff);
-3. timings: the CrfGrad layer (N=1, L=21, k=9, T=5) at 512x1024 and 1024x2048, forward and
+2. CuPy against NumPy on the bundled model and on random CrfGrad instances (forward and every diff),
+   with the CUDA kernels (crfgrad_cupy/core/cuda_kernels.py, the default) and with the array code
+   (CRFGRAD_NO_RAWKERNEL=1);
+3. timings, kernels and array code: the CrfGrad layer (N=1, L=21, k=9, T=5) at 512x1024 and 1024x2048, forward and
    forward+backward, and the spatial term against torch.nn.functional.conv2d (cuDNN) on the same GPU.
 
 Writes a Markdown table to stdout and to OUT/gpu_results.md (+ gpu_results.json). Each part runs
@@ -60,6 +62,20 @@ def oracle_tests(shared, timeout):
     if proc.returncode != 0:
         raise RuntimeError('pytest exit %d: %s' % (proc.returncode, tail[-1] if tail else ''))
     return tail[-1]
+
+
+class _array_code:
+    """``with _array_code():`` runs the block with CRFGRAD_NO_RAWKERNEL=1 (the CuPy array code)."""
+
+    def __enter__(self):
+        self.old = os.environ.get('CRFGRAD_NO_RAWKERNEL')
+        os.environ['CRFGRAD_NO_RAWKERNEL'] = '1'
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop('CRFGRAD_NO_RAWKERNEL', None)
+        else:
+            os.environ['CRFGRAD_NO_RAWKERNEL'] = self.old
 
 
 def _max_rel(a, b):
@@ -139,11 +155,15 @@ def compare_random():
             return net
         ref = _run_net(make, {'prob': p, 'img': img}, {'crf': g}, 'cpu')
         gpu = _run_net(make, {'prob': p, 'img': img}, {'crf': g}, 'gpu')
+        with _array_code():
+            gpu_array = _run_net(make, {'prob': p, 'img': img}, {'crf': g}, 'gpu')
         for key in ref:
-            err = _max_rel(gpu[key], ref[key])
-            worst[key] = max(worst.get(key, 0.0), err)
-        log('instance L=%d %dx%d N=%d k=%d T=%d: max rel err %.2e' % (
-            L, H, W, N, k, T, max(_max_rel(gpu[key], ref[key]) for key in ref)))
+            worst[key] = max(worst.get(key, 0.0), _max_rel(gpu[key], ref[key]))
+            worst['array code: ' + key] = max(worst.get('array code: ' + key, 0.0),
+                                              _max_rel(gpu_array[key], ref[key]))
+        log('instance L=%d %dx%d N=%d k=%d T=%d: max rel err kernels %.2e, array code %.2e' % (
+            L, H, W, N, k, T, max(_max_rel(gpu[key], ref[key]) for key in ref),
+            max(_max_rel(gpu_array[key], ref[key]) for key in ref)))
     bad = {k: v for k, v in worst.items() if v > 1e-4}
     if bad:
         raise AssertionError('CuPy and NumPy differ by more than 1e-4: %s' % bad)
@@ -222,6 +242,12 @@ def timings(quick):
         fb = _time(lambda: (net.forward(), net.backward()), sync, reps)
         rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d forward' % (H, W), 'ms': fwd * 1e3})
         rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d fwd+bwd' % (H, W), 'ms': fb * 1e3})
+        if H <= 512:
+            with _array_code():
+                fwd_a = _time(lambda: net.forward(), sync, 3)
+            rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d forward, array code (no kernels)' % (H, W),
+                         'ms': fwd_a * 1e3})
+            rows += _stages(cp, net, H, W, sync)
         # spatial term alone: ours (kernel transform once, T applies) vs T torch conv2d
         q = cp.asarray(p)
         w = cp.asarray(rng.normal(0, 0.01, (L, L, k, k)).astype(np.float32))
@@ -250,6 +276,42 @@ def timings(quick):
         cc.set_mode_cpu()
         net = None
         cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def _stages(cp, net, H, W, sync):
+    """Where the forward's time goes: each stage once per call, kernels and array code."""
+    from crfgrad_cupy.core import lattice as lat_mod
+    from crfgrad_cupy.core.projection import project_simplex
+    from crfgrad_cupy.core.spatial import SpatialFilter
+    feat = net.blobs['feat'].data[0]
+    d = feat.shape[0]
+    q = net.blobs['prob'].data
+    L = q.shape[1]
+    w = net.params['crf'][1].data
+    taps = net.params['crf'][2].data.reshape(L, L, -1)
+    rows = []
+    for label, ctx in (('kernels', None), ('array code', _array_code)):
+        def run(fn):
+            if ctx is None:
+                return _time(fn, sync, 5)
+            with ctx():
+                return _time(fn, sync, 5)
+        holder = {}
+
+        def build():
+            holder['f'] = lat_mod.BilateralFilter(lat_mod.build_lattice(feat.reshape(d, -1)))
+        t_build = run(build)
+        f = holder['f']
+        x = q[0].reshape(L, -1)
+        t_apply = run(lambda: f.apply(x, taps))
+        sf = {}
+        t_spat = run(lambda: sf.setdefault('f', SpatialFilter(w, H, W)).apply(q))
+        t_proj = run(lambda: project_simplex(q, 0.5, axis=1))
+        rows.append({'what': 'stages %dx%d (%s): lattice build + normalisers %.2f ms (M = %d), one bilateral '
+                     'filtering %.2f ms, one spatial apply %.2f ms, one projection %.2f ms' % (
+                         H, W, label, t_build * 1e3, f.lattice.num_vertices, t_apply * 1e3, t_spat * 1e3,
+                         t_proj * 1e3), 'ms': (t_build + t_apply + t_spat + t_proj) * 1e3})
     return rows
 
 

@@ -46,6 +46,12 @@ kernels (:mod:`._cpu_kernels`, chosen by :mod:`.accel`): a hash table instead of
 taps kept per block of vertices and per tap (one BLAS product per block and tap), a point-order
 splat and a parallel slice; the vertex numbering then differs (order of first appearance), the
 results do not (up to float rounding in the sums).
+
+On CuPy (unless CRFGRAD_NO_RAWKERNEL is set) the construction is the vectorised one up to the
+immediate neighbours; then the tap table ``nbr`` (M, F) is made by one kernel walking every
+vertex, and splat, blur (and its adjoint, through the inverse table), slice and the Gaussian blur
+are CUDA kernels (:mod:`.cuda_kernels`), one thread per output value or per vertex; the tap
+gradient is a chunked gather of the table and one matrix product per chunk.
 """
 import functools
 import itertools
@@ -53,7 +59,7 @@ import itertools
 import numpy as np
 
 from .. import backend
-from . import accel
+from . import accel, cuda_kernels
 
 __all__ = ['num_taps', 'tap_steps', 'gaussian_taps', 'Lattice', 'build_lattice', 'BilateralFilter']
 
@@ -76,6 +82,9 @@ _MAX_EXACT_BITS = 62
 
 # vertices per block of the compiled path's tap structure (per block and tap one BLAS product)
 _VERTEX_BLOCK = 512
+
+# bytes of the gathered (vertices, F, C) block per matrix product of the CUDA path's tap gradient
+_TAPS_GRAD_CHUNK_BYTES = 64 << 20
 
 
 def _is_numpy(xp):
@@ -355,7 +364,9 @@ class Lattice:
         self._gauss_blur = None
         self._taps_v = self._taps_u = None
         self._sp = _sparse(xp)
-        self._kern = accel.kernels(xp)
+        self._gpu = cuda_kernels.kernels(xp)
+        self._kern = accel.kernels(xp) if self._gpu is None else None
+        self._splat_csr = {}
         if self._kern is not None:
             self._build_compiled(feats, visualize)
         else:
@@ -414,6 +425,22 @@ class Lattice:
                 imm[k, M] = M
         self.immediate = imm[:, :M]
 
+        if self._gpu is not None:
+            self._nbr = self._gpu_tap_table(imm)
+        else:
+            self._walk_taps(imm)
+
+        self._P_in = self._point_matrix(self.vertex_in, self.weight_in)
+        self._S_in = self._transpose(self._P_in)
+        if same:
+            self._P_out, self._S_out = self._P_in, self._S_in
+        else:
+            self._P_out = self._point_matrix(self.vertex_out, self.weight_out)
+            self._S_out = self._transpose(self._P_out)
+
+    def _walk_taps(self, imm):
+        """taps_v / taps_u of the array code from the immediate neighbours imm (d+1, M+1)."""
+        xp, d, s, M = self.xp, self.d, self.neighborhood_size, self.num_vertices
         # taps by Caffe's walk (depth first, direction 0 outermost).  For every tap
         # f >= 1 keep the pairs (v, u = nbr_f(v)) whose walk stays on the lattice; a
         # walk that leaves it never comes back, so the pairs are compacted as we go.
@@ -442,13 +469,15 @@ class Lattice:
         self._taps_v = taps_v
         self._taps_u = taps_u
 
-        self._P_in = self._point_matrix(self.vertex_in, self.weight_in)
-        self._S_in = self._transpose(self._P_in)
-        if same:
-            self._P_out, self._S_out = self._P_in, self._S_in
-        else:
-            self._P_out = self._point_matrix(self.vertex_out, self.weight_out)
-            self._S_out = self._transpose(self._P_out)
+    def _gpu_tap_table(self, imm):
+        """The tap table nbr (M, F) int32 by one kernel walking every vertex (CUDA path)."""
+        xp, M, F = self.xp, self.num_vertices, self.num_taps
+        parent, direction = _tap_parents(self.d, self.neighborhood_size)
+        nbr = xp.empty((M, F), dtype=np.int32)
+        self._gpu.launch('lattice_tap_table', M,
+                         (xp.ascontiguousarray(imm.astype(np.int32)), xp.asarray(parent.astype(np.int32)),
+                          xp.asarray(direction.astype(np.int32)), nbr, M, F), self.dtype)
+        return nbr
 
     def _build_compiled(self, feats, visualize):
         """Construction with the compiled kernels (CPU): per-point simplex, a hash table of the
@@ -491,14 +520,14 @@ class Lattice:
     def taps_v(self):
         """[None] + for every tap f >= 1 the vertices v whose tap f exists (increasing)."""
         if self._taps_v is None:
-            self._taps_from_csr()
+            self._taps_from_table() if self._gpu is not None else self._taps_from_csr()
         return self._taps_v
 
     @property
     def taps_u(self):
         """[None] + for every tap f >= 1 the vertices nbr_f(v) read by them."""
         if self._taps_u is None:
-            self._taps_from_csr()
+            self._taps_from_table() if self._gpu is not None else self._taps_from_csr()
         return self._taps_u
 
     def _blocks(self):
@@ -517,6 +546,12 @@ class Lattice:
             self._bt_inv = self._kern.transpose_blocks(*self._blocks(), self.num_vertices, self.num_taps,
                                                        _VERTEX_BLOCK)
         return self._bt_inv
+
+    def _taps_from_table(self):
+        xp, M, nbr = self.xp, self.num_vertices, self.nbr
+        v = [xp.nonzero(nbr[:, f] < M)[0] for f in range(1, self.num_taps)]
+        self._taps_v = [None] + v
+        self._taps_u = [None] + [nbr[vf, f + 1] for f, vf in enumerate(v)]
 
     def _taps_from_csr(self):
         bptr, row, col = self._blocks()
@@ -560,6 +595,11 @@ class Lattice:
     @property
     def inv_nbr(self):
         """(M, F) int32 inverse tap table: inv[u, f] = v with nbr[v, f] = u (M = none)."""
+        if self._inv is None and self._gpu is not None:
+            M, F = self.num_vertices, self.num_taps
+            inv = self.xp.full((M, F), M, dtype=np.int32)
+            self._gpu.launch('lattice_invert_taps', M * F, (self.nbr, inv, M, F), self.dtype)
+            self._inv = inv
         if self._inv is None:
             xp = self.xp
             M, F = self.num_vertices, self.num_taps
@@ -600,6 +640,8 @@ class Lattice:
         dtype = np.result_type(latT.dtype, w.dtype)
         latT = latT.astype(dtype, copy=False)
         w = w.astype(dtype, copy=False)
+        if self._gpu is not None:
+            return self._gpu_blur(latT, w, self.nbr)
         if self._kern is not None:
             out = np.empty((self.num_vertices, w.shape[2]), dtype)
             self._kern.blur(*self._blocks(), np.ascontiguousarray(latT), np.ascontiguousarray(w), out,
@@ -618,6 +660,8 @@ class Lattice:
         dtype = np.result_type(gradT.dtype, w.dtype)
         gradT = gradT.astype(dtype, copy=False)
         wt = self.xp.ascontiguousarray(w.astype(dtype, copy=False).transpose(0, 2, 1))
+        if self._gpu is not None:
+            return self._gpu_blur(gradT, wt, self.inv_nbr)
         if self._kern is not None:
             out = np.empty((self.num_vertices, wt.shape[2]), dtype)
             self._kern.blur(*self._blocks_inv(), np.ascontiguousarray(gradT), wt, out, _VERTEX_BLOCK)
@@ -636,7 +680,9 @@ class Lattice:
         dtype = np.result_type(latT.dtype, gradT.dtype)
         latT = latT.astype(dtype, copy=False)
         gradT = gradT.astype(dtype, copy=False)
-        if self._kern is not None:
+        if self._gpu is not None:
+            full = self._taps_grad_table(latT, gradT)
+        elif self._kern is not None:
             full = self._kern.taps_grad(*self._blocks(), np.ascontiguousarray(latT),
                                         np.ascontiguousarray(gradT), F, _VERTEX_BLOCK)
         else:
@@ -655,6 +701,79 @@ class Lattice:
             out[g * Og:(g + 1) * Og] = full[:, g * Cg:(g + 1) * Cg, g * Og:(g + 1) * Og].transpose(2, 1, 0)
         return out
 
+    def _gpu_blur(self, latT, w, table):
+        """CUDA path: latT (M, C), w (F, C, O) -> (M, O) through ``table`` (nbr or inv_nbr)."""
+        xp, M = self.xp, self.num_vertices
+        F, C, O = w.shape
+        dtype = w.dtype
+        ob, nob = cuda_kernels.blur_block(O)
+        if ob * nob != O:
+            wp = xp.zeros((F, C, ob * nob), dtype=dtype)
+            wp[:, :, :O] = w
+        else:
+            wp = xp.ascontiguousarray(w)
+        out = xp.empty((M, O), dtype=dtype)
+        self._gpu.launch('lattice_blur', M * nob, (xp.ascontiguousarray(latT, dtype=dtype), table, wp, out,
+                                                   M, C, O, F, nob), dtype, OB=ob)
+        return out
+
+    def _taps_grad_table(self, latT, gradT):
+        """(F, C, O) = Σ_v latT[nbr[v, f], c] gradT[v, o]: the table gathered block by block of
+        vertices, one matrix product per block (a row of zeros stands for missing vertices)."""
+        xp, M, F = self.xp, self.num_vertices, self.num_taps
+        C, O = latT.shape[1], gradT.shape[1]
+        pad = xp.concatenate([latT, xp.zeros((1, C), dtype=latT.dtype)], axis=0)
+        full = xp.zeros((F * C, O), dtype=latT.dtype)
+        step = max(1, _TAPS_GRAD_CHUNK_BYTES // max(1, F * C * latT.dtype.itemsize))
+        nbr = self.nbr
+        for v0 in range(0, M, step):
+            v1 = min(M, v0 + step)
+            g = xp.take(pad, nbr[v0:v1], axis=0).reshape(v1 - v0, F * C)
+            full += g.T @ gradT[v0:v1]
+        return full.reshape(F, C, O)
+
+    def _gpu_splat_matrix(self, points, dtype):
+        """(indptr, point, weight) of the CSR splat matrix (M, n_points), weight in ``dtype``."""
+        key = (points, np.dtype(dtype).name)
+        if key not in self._splat_csr:
+            S = self._S_in if points == 'in' else self._S_out
+            S = S.tocsr()
+            S.sort_indices()
+            xp = self.xp
+            self._splat_csr[key] = (xp.ascontiguousarray(S.indptr.astype(np.int32)),
+                                    xp.ascontiguousarray(S.indices.astype(np.int32)),
+                                    xp.ascontiguousarray(S.data.astype(dtype)))
+        return self._splat_csr[key]
+
+    def _gpu_splat(self, values, scale, points):
+        xp, M = self.xp, self.num_vertices
+        n = self.n_in if points == 'in' else self.n_out
+        if values.ndim != 2 or values.shape[1] != n:
+            raise ValueError('expected an array of shape (C, %d), got %s' % (n, values.shape))
+        dtype = np.result_type(values.dtype, self.dtype)
+        C = values.shape[0]
+        indptr, point, weight = self._gpu_splat_matrix(points, dtype)
+        sc = xp.zeros(1, dtype) if scale is None else xp.ascontiguousarray(scale, dtype=dtype)
+        out = xp.empty((M, C), dtype=dtype)
+        self._gpu.launch('lattice_splat', M * C, (xp.ascontiguousarray(values, dtype=dtype), sc, indptr, point,
+                                                  weight, out, M, C, n, int(scale is not None)), dtype)
+        return out
+
+    def _gpu_slice(self, latT, scale, points):
+        xp = self.xp
+        dtype = np.result_type(latT.dtype, self.dtype)
+        vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
+            (self.vertex_in, self.weight_in)
+        n, D1 = vertex.shape
+        C = latT.shape[1]
+        sc = xp.zeros(1, dtype) if scale is None else xp.ascontiguousarray(scale, dtype=dtype)
+        out = xp.empty((C, n), dtype=dtype)
+        self._gpu.launch('lattice_slice', n * C, (xp.ascontiguousarray(latT, dtype=dtype),
+                                                  xp.ascontiguousarray(vertex, dtype=np.int32),
+                                                  xp.ascontiguousarray(weight, dtype=dtype), sc, out,
+                                                  n, C, D1, int(scale is not None)), dtype)
+        return out
+
     @staticmethod
     def _spmm(A, x):
         """Sparse @ dense in the wider of the two dtypes (cupyx needs equal dtypes)."""
@@ -666,13 +785,15 @@ class Lattice:
 
     def _splatT(self, xT, points='in'):
         """(n_points, C) -> (M, C): barycentric splat of the input ('in') or output ('out') points."""
-        if self._kern is not None:
+        if self._kern is not None or self._gpu is not None:
             return self._splat_cf(xT.T, None, points)
         return self._spmm(self._S_in if points == 'in' else self._S_out, xT)
 
     def _splat_cf(self, values, scale=None, points='in'):
         """values (C, n_points) channel-first, times ``scale`` (n_points,) per point when given,
         splatted: (M, C)."""
+        if self._gpu is not None:
+            return self._gpu_splat(values, scale, points)
         if self._kern is not None:
             n = self.n_in if points == 'in' else self.n_out
             if values.ndim != 2 or values.shape[1] != n:
@@ -692,6 +813,8 @@ class Lattice:
 
     def _slice_cf(self, latT, scale=None, points='out'):
         """(M, C) -> channel-first (C, n_points), times ``scale`` (n_points,) per point when given."""
+        if self._gpu is not None:
+            return self._gpu_slice(latT, scale, points)
         if self._kern is not None:
             dtype = np.result_type(latT.dtype, self.dtype)
             vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
@@ -708,6 +831,8 @@ class Lattice:
 
     def _sliceT(self, latT, points='out'):
         """(M, C) -> (n_points, C): barycentric interpolation at the output ('out') or input points."""
+        if self._gpu is not None:
+            return self._gpu_slice(latT, None, points).T
         if self._kern is not None:
             dtype = np.result_type(latT.dtype, self.dtype)
             vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
@@ -748,6 +873,15 @@ class Lattice:
 
     def _blur_scalarT(self, latT, g):
         """Blur every channel with the same taps g (F,): (M, C) -> (M, C)."""
+        if self._gpu is not None:
+            xp = self.xp
+            dtype = np.result_type(latT.dtype, g.dtype)
+            M, C = latT.shape
+            out = xp.empty((M, C), dtype=dtype)
+            self._gpu.launch('lattice_blur_scalar', M * C, (xp.ascontiguousarray(latT, dtype=dtype), self.nbr,
+                                                            xp.ascontiguousarray(xp.asarray(g), dtype=dtype),
+                                                            out, M, C, self.num_taps), dtype)
+            return out
         if self._kern is not None:
             dtype = np.result_type(latT.dtype, g.dtype)
             out = np.empty(latT.shape, dtype)
@@ -892,7 +1026,7 @@ class BilateralFilter:
         compiled path: a walk-and-blur kernel with the same taps)."""
         lat = self.lattice
         zT = self.splat_input(values)
-        if lat._kern is not None:
+        if lat._kern is not None or lat._gpu is not None:
             yT = lat._blur_scalarT(zT, gaussian_taps(lat.d, lat.neighborhood_size, np, zT.dtype))
         else:
             yT = lat._spmm(lat.gaussian_blur_matrix(), zT)

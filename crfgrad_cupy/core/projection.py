@@ -15,7 +15,7 @@ from collections import namedtuple
 import numpy as np
 
 from .. import backend
-from . import accel
+from . import accel, cuda_kernels
 
 ProjectionInfo = namedtuple('ProjectionInfo', ['tau', 'rho'])
 ProjectionInfo.__doc__ = """What the VJP needs besides the input: ``tau`` (the threshold t) and ``rho``
@@ -100,8 +100,27 @@ def _threshold_split(s, axis):
     return tau, rho
 
 
+def _cuda(xp, s, axis):
+    """The CUDA kernels for ``s`` (None: use the array code)."""
+    if s.ndim == 0 or s.dtype not in (np.float32, np.float64) or \
+            s.shape[axis] > cuda_kernels.MAX_PROJECT_LABELS:
+        return None
+    return cuda_kernels.kernels(xp)
+
+
 def project_simplex(s, leak, axis=0):
     """Leaky simplex projection of ``s`` along ``axis``. Returns (out, ProjectionInfo)."""
+    xp = backend.get_array_module(s)
+    ks = _cuda(xp, s, axis)
+    if ks is not None:                           # one thread per pixel sorts its L values
+        A, L, B = _three_axes(s.shape, axis)
+        s3 = xp.ascontiguousarray(s).reshape(A, L, B)
+        out = xp.empty_like(s3)
+        tau = xp.empty((A, B), dtype=s.dtype)
+        rho = xp.empty((A, B), dtype=np.int32)
+        ks.launch('simplex_project', A * B, (s3, out, tau, rho, float(leak), A, L, B), s.dtype, LMAX=L)
+        kept = _kept_shape(s.shape, axis)
+        return out.reshape(s.shape), ProjectionInfo(tau.reshape(kept), rho.reshape(kept))
     tau, rho = _threshold_split(s, axis)
     return leaky_apply(s, tau, leak), ProjectionInfo(tau, rho)
 
@@ -115,6 +134,15 @@ def project_simplex_vjp(g, s, info, leak, axis=0):
     xp = backend.get_array_module(s, g)
     L = s.shape[axis]
     dt = s.dtype.type
+    ks = _cuda(xp, s, axis)
+    if ks is not None and g.shape == s.shape:
+        A, _, B = _three_axes(s.shape, axis)
+        out = xp.empty(s.shape, dtype=s.dtype)
+        ks.launch('simplex_vjp', A * B, (xp.ascontiguousarray(g, dtype=s.dtype), xp.ascontiguousarray(s),
+                                         xp.ascontiguousarray(info.tau, dtype=s.dtype),
+                                         xp.ascontiguousarray(info.rho, dtype=np.int32), float(leak), out,
+                                         A, L, B), s.dtype)
+        return out
     K = _compiled(xp, s)
     if K is not None and g.shape == s.shape:
         A, _, B = _three_axes(s.shape, axis)

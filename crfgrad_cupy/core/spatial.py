@@ -25,7 +25,9 @@ and ``weight_grad`` (d<g, S(q)>/dW).  Two equivalent paths compute them:
 
 ``method='auto'`` picks the cheaper one from a flop estimate (FFT for large k·C).
 Everything runs on NumPy or CuPy (``xp.fft``); the dtype of the inputs is kept
-(float32 → complex64 transforms, float64 → complex128).
+(float32 → complex64 transforms, float64 → complex128).  On CuPy the tile windows, the tile
+cores, the assembly and the per-frequency mixing are CUDA kernels (:mod:`.cuda_kernels`; one
+launch each instead of one copy per tile), unless CRFGRAD_NO_RAWKERNEL is set.
 """
 import collections
 import math
@@ -35,7 +37,7 @@ import threading
 import numpy as np
 
 from .. import backend
-from . import accel
+from . import accel, cuda_kernels
 
 # Flop model for method='auto': a real 2-D FFT costs ~_FFT_COST·P·log2(P); the direct path's
 # matmuls run ~4x faster per flop than the FFT path (measured with NumPy/OpenBLAS), hence the weight.
@@ -222,6 +224,30 @@ def _buffer(xp, ws, name, shape, dtype, zero=False):
     return ws.get(xp, name, shape, dtype, zero)
 
 
+def _cuda(xp, a):
+    """The CUDA kernels for the real array ``a`` (None: use the array code)."""
+    if a.dtype not in (np.float32, np.float64):
+        return None
+    return cuda_kernels.kernels(xp)
+
+
+def _cuda_mix(xp, kt, xhat, ws=None):
+    """The CUDA version of :func:`_tile_mix`: kt (O, C, Ph·Pf) the kernel transform channel-major,
+    xhat (C, T, Ph, Pf) -> (O, T, Ph, Pf); None when the kernels do not apply."""
+    c, t, ph, pf = xhat.shape
+    real = np.dtype(xhat.dtype).type(0).real.dtype
+    ks = cuda_kernels.kernels(xp)
+    if ks is None or c > cuda_kernels.MAX_MIX_CHANNELS or xhat.dtype != kt.dtype or \
+            real not in (np.float32, np.float64):
+        return None
+    o = kt.shape[0]
+    xhat = xp.ascontiguousarray(xhat)
+    out = _buffer(xp, ws, 'mixed_k', (o, t, ph, pf), xhat.dtype)
+    ks.launch('freq_mix', t * ph * pf, (xhat.view(real), kt.view(real), out.view(real), o, t, ph * pf),
+              real, CIN=c)
+    return out
+
+
 class _Tiling:
     """Overlap-save tiling of an H×W image for a k×k bank: ny×nx tiles of th×tw output pixels,
     periods Ph×Pw >= (th + 2p)×(tw + 2p)."""
@@ -244,6 +270,12 @@ class _Tiling:
         buffer is zero from its allocation and never written."""
         n, c, h, w = a.shape
         th, tw, ph, pw, p = self.th, self.tw, self.ph, self.pw, self.p
+        ks = _cuda(xp, a)
+        if ks is not None:
+            out = _buffer(xp, ws, 'windows', (c, n, self.ny, self.nx, ph, pw), a.dtype)
+            ks.launch('tile_windows', out.size, (xp.ascontiguousarray(a), out, n, c, h, w, self.ny, self.nx,
+                                                 th, tw, ph, pw, p), a.dtype)
+            return out.reshape(c, n * self.ny * self.nx, ph, pw)
         out = _buffer(xp, ws, 'windows', (c, n, self.ny, self.nx, ph, pw), a.dtype, True)
         at = a.transpose(1, 0, 2, 3)
         boxes = []
@@ -265,6 +297,12 @@ class _Tiling:
         the image), channel-major."""
         n, c, h, w = a.shape
         th, tw = self.th, self.tw
+        ks = _cuda(xp, a)
+        if ks is not None:
+            out = _buffer(xp, ws, 'cores', (c, n, self.ny, self.nx, th, tw), a.dtype)
+            ks.launch('tile_cores', out.size, (xp.ascontiguousarray(a), out, n, c, h, w, self.ny, self.nx,
+                                               th, tw), a.dtype)
+            return out.reshape(c, n * self.ny * self.nx, th, tw)
         pad = _buffer(xp, ws, 'cores_pad', (c, n, self.ny * th, self.nx * tw), a.dtype, True)
         pad[:, :, :h, :w] = a.transpose(1, 0, 2, 3)                     # the rest stays zero
         t = pad.reshape(c, n, self.ny, th, self.nx, tw).transpose(0, 1, 2, 4, 3, 5)
@@ -277,6 +315,12 @@ class _Tiling:
         o = t.shape[0]
         th, tw, h, w = self.th, self.tw, self.height, self.width
         out = xp.empty((n, o, h, w), dtype=t.dtype)
+        ks = _cuda(xp, t)
+        if ks is not None:
+            t = xp.ascontiguousarray(t)
+            ks.launch('tile_assemble', out.size, (t, out, n, o, h, w, self.ny, self.nx, th, tw,
+                                                  t.shape[-2], t.shape[-1]), t.dtype)
+            return out
         t = t.reshape(o, n, self.ny, self.nx, t.shape[-2], t.shape[-1])
 
         def part(lo, hi):
@@ -559,10 +603,22 @@ class SpatialFilter:
         if a.ndim != 4 or a.shape[1] != channels or a.shape[2:] != (self.height, self.width):
             raise ValueError('expected (N, %d, %d, %d), got %s' % (channels, self.height, self.width, a.shape))
 
+    def _channel_major(self, kf):
+        """kf (Ph·Pf, O, C) as (O, C, Ph·Pf) for the CUDA mixing (one copy per transform, kept)."""
+        cache = self.__dict__.setdefault('_kt', {})
+        key = id(kf)
+        if key not in cache:
+            cache[key] = (kf, self.xp.ascontiguousarray(kf.transpose(1, 2, 0)))
+        return cache[key][1]
+
     def _tiled(self, kf, ahat, n, dtype):
         xp, t = self.xp, self.tiling
-        return t.assemble(xp, t.irfft(xp, _tile_mix(xp, kf, ahat, self._ws), overwrite=True),
-                          n).astype(dtype, copy=False)
+        mixed = None
+        if cuda_kernels.kernels(xp) is not None:
+            mixed = _cuda_mix(xp, self._channel_major(kf), ahat, self._ws)
+        if mixed is None:
+            mixed = _tile_mix(xp, kf, ahat, self._ws)
+        return t.assemble(xp, t.irfft(xp, mixed, overwrite=True), n).astype(dtype, copy=False)
 
     def apply(self, q):
         """S(q): (N, C, H, W) -> (N, O, H, W)."""
