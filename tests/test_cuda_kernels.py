@@ -143,7 +143,7 @@ def test_lattice_kernels_equal_the_array_code(emulate, monkeypatch, dtype, same)
         return res
     ours = run()
     assert {'lattice_tap_table', 'lattice_blur', 'lattice_splat', 'lattice_slice', 'lattice_invert_taps',
-            'lattice_blur_scalar'} <= set(emulate)
+            'lattice_blur_scalar', 'lattice_taps_grad', 'lattice_tap_masks'} <= set(emulate)
     ref = _reference(monkeypatch, run)
     # the construction is shared up to the immediate neighbours, so the vertex numbering is the same
     np.testing.assert_array_equal(ours['nbr'], ref['nbr'])
@@ -178,14 +178,37 @@ def test_lattice_kernels_with_groups_and_mixed_dtypes(emulate, monkeypatch):
 
 
 @needs_cxx
+def test_blur_order_groups_vertices_by_their_taps(emulate):
+    rng = np.random.default_rng(9)
+    lat = L.build_lattice(_features(rng, 16, 16, np.float32))
+    M = lat.num_vertices
+    order = lat._gpu_order(lat.nbr)
+    assert order.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(order), np.arange(M))          # a permutation
+    exists = lat.nbr[:, 1:] < M
+    masks = (exists.astype(np.uint64) << np.arange(exists.shape[1], dtype=np.uint64)).sum(axis=1)
+    assert np.all(np.diff(masks[order].astype(np.float64)) >= 0)          # sorted by tap set
+    assert lat._gpu_order(lat.nbr) is order                               # kept
+    inv_order = lat._gpu_order(lat.inv_nbr)
+    assert inv_order is not order
+    # warps of 32 consecutive vertices in this order skip the taps that none of them has
+    m = (M // 32) * 32
+    union = exists[order[:m]].reshape(-1, 32, exists.shape[1]).any(axis=1).mean()
+    union_plain = exists[:m].reshape(-1, 32, exists.shape[1]).any(axis=1).mean()
+    assert union < 0.8 * union_plain
+
+
+@needs_cxx
 def test_lattice_taps_grad_in_chunks(emulate, monkeypatch):
-    """The tap gradient over several vertex blocks equals the one-block result."""
+    """The tap gradient over many vertex chunks equals the one-chunk result."""
     rng = np.random.default_rng(5)
     lat = L.build_lattice(_features(rng, 12, 12, np.float64))
     z = rng.normal(size=(3, lat.num_vertices))
     y = rng.normal(size=(2, lat.num_vertices))
+    monkeypatch.setattr(L, '_TAPS_GRAD_MAX_CHUNKS', 1)
     whole = lat.blur_taps_grad(z, y)
-    monkeypatch.setattr(L, '_TAPS_GRAD_CHUNK_BYTES', 7 * lat.num_taps * 3 * 8)   # 7 vertices per block
+    monkeypatch.setattr(L, '_TAPS_GRAD_MIN_CHUNK', 7)                   # many chunks of 7 vertices
+    monkeypatch.setattr(L, '_TAPS_GRAD_MAX_CHUNKS', 10 ** 6)
     np.testing.assert_allclose(lat.blur_taps_grad(z, y), whole, rtol=1e-12, atol=1e-12)
     # and it is the gradient: <y, blur(z, taps)> is linear in the taps
     taps = rng.normal(size=(2, 3, lat.num_taps))

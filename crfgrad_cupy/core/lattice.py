@@ -51,7 +51,7 @@ On CuPy (unless CRFGRAD_NO_RAWKERNEL is set) the construction is the vectorised 
 immediate neighbours; then the tap table ``nbr`` (M, F) is made by one kernel walking every
 vertex, and splat, blur (and its adjoint, through the inverse table), slice and the Gaussian blur
 are CUDA kernels (:mod:`.cuda_kernels`), one thread per output value or per vertex; the tap
-gradient is a chunked gather of the table and one matrix product per chunk.
+gradient is summed by a kernel per chunk of vertices (the chunks are added up in a fixed order).
 """
 import functools
 import itertools
@@ -83,8 +83,9 @@ _MAX_EXACT_BITS = 62
 # vertices per block of the compiled path's tap structure (per block and tap one BLAS product)
 _VERTEX_BLOCK = 512
 
-# bytes of the gathered (vertices, F, C) block per matrix product of the CUDA path's tap gradient
-_TAPS_GRAD_CHUNK_BYTES = 64 << 20
+# the CUDA tap gradient sums chunks of at least this many vertices, at most this many chunks
+_TAPS_GRAD_MIN_CHUNK = 256
+_TAPS_GRAD_MAX_CHUNKS = 256
 
 
 def _is_numpy(xp):
@@ -681,7 +682,7 @@ class Lattice:
         latT = latT.astype(dtype, copy=False)
         gradT = gradT.astype(dtype, copy=False)
         if self._gpu is not None:
-            full = self._taps_grad_table(latT, gradT)
+            full = self._gpu_taps_grad(latT, gradT)
         elif self._kern is not None:
             full = self._kern.taps_grad(*self._blocks(), np.ascontiguousarray(latT),
                                         np.ascontiguousarray(gradT), F, _VERTEX_BLOCK)
@@ -714,23 +715,33 @@ class Lattice:
             wp = xp.ascontiguousarray(w)
         out = xp.empty((M, O), dtype=dtype)
         self._gpu.launch('lattice_blur', M * nob, (xp.ascontiguousarray(latT, dtype=dtype), table, wp, out,
-                                                   M, C, O, F, nob), dtype, OB=ob)
+                                                   self._gpu_order(table), M, C, O, F, nob), dtype, OB=ob)
         return out
 
-    def _taps_grad_table(self, latT, gradT):
-        """(F, C, O) = Σ_v latT[nbr[v, f], c] gradT[v, o]: the table gathered block by block of
-        vertices, one matrix product per block (a row of zeros stands for missing vertices)."""
+    def _gpu_order(self, table):
+        """The vertices sorted by the set of taps they have in ``table`` (kept per table)."""
+        cache = self.__dict__.setdefault('_orders', {})
+        key = id(table)
+        if key not in cache:
+            xp, M = self.xp, self.num_vertices
+            mask = xp.empty(M, dtype=np.uint64)
+            self._gpu.launch('lattice_tap_masks', M, (table, mask, M, self.num_taps), self.dtype)
+            cache[key] = (table, xp.argsort(mask).astype(np.int32))
+        return cache[key][1]
+
+    def _gpu_taps_grad(self, latT, gradT):
+        """CUDA path of the tap gradient: (F, C, O), per-chunk sums by the kernel, added up here."""
         xp, M, F = self.xp, self.num_vertices, self.num_taps
         C, O = latT.shape[1], gradT.shape[1]
-        pad = xp.concatenate([latT, xp.zeros((1, C), dtype=latT.dtype)], axis=0)
-        full = xp.zeros((F * C, O), dtype=latT.dtype)
-        step = max(1, _TAPS_GRAD_CHUNK_BYTES // max(1, F * C * latT.dtype.itemsize))
-        nbr = self.nbr
-        for v0 in range(0, M, step):
-            v1 = min(M, v0 + step)
-            g = xp.take(pad, nbr[v0:v1], axis=0).reshape(v1 - v0, F * C)
-            full += g.T @ gradT[v0:v1]
-        return full.reshape(F, C, O)
+        dtype = latT.dtype
+        ob, nob = cuda_kernels.blur_block(O)
+        chunk = max(_TAPS_GRAD_MIN_CHUNK, -(-M // _TAPS_GRAD_MAX_CHUNKS))
+        nchunks = max(1, -(-M // chunk))
+        partial = xp.empty((nchunks, F, C, O), dtype=dtype)
+        self._gpu.launch('lattice_taps_grad', nchunks * F * C * nob,
+                         (xp.ascontiguousarray(latT), xp.ascontiguousarray(gradT, dtype=dtype), self.nbr, partial,
+                          M, C, O, F, nob, chunk), dtype, OB=ob)
+        return partial.sum(axis=0)
 
     def _gpu_splat_matrix(self, points, dtype):
         """(indptr, point, weight) of the CSR splat matrix (M, n_points), weight in ``dtype``."""
@@ -745,21 +756,23 @@ class Lattice:
                                     xp.ascontiguousarray(S.data.astype(dtype)))
         return self._splat_csr[key]
 
-    def _gpu_splat(self, values, scale, points):
+    def _gpu_splat(self, xT, scale, points):
+        """CUDA path: point-major xT (n_points, C), times ``scale`` per point -> (M, C)."""
         xp, M = self.xp, self.num_vertices
         n = self.n_in if points == 'in' else self.n_out
-        if values.ndim != 2 or values.shape[1] != n:
-            raise ValueError('expected an array of shape (C, %d), got %s' % (n, values.shape))
-        dtype = np.result_type(values.dtype, self.dtype)
-        C = values.shape[0]
+        if xT.ndim != 2 or xT.shape[0] != n:
+            raise ValueError('expected an array of shape (C, %d), got %s' % (n, xT.T.shape))
+        dtype = np.result_type(xT.dtype, self.dtype)
+        C = xT.shape[1]
         indptr, point, weight = self._gpu_splat_matrix(points, dtype)
         sc = xp.zeros(1, dtype) if scale is None else xp.ascontiguousarray(scale, dtype=dtype)
         out = xp.empty((M, C), dtype=dtype)
-        self._gpu.launch('lattice_splat', M * C, (xp.ascontiguousarray(values, dtype=dtype), sc, indptr, point,
-                                                  weight, out, M, C, n, int(scale is not None)), dtype)
+        self._gpu.launch('lattice_splat', M * C, (xp.ascontiguousarray(xT, dtype=dtype), sc, indptr, point,
+                                                  weight, out, M, C, int(scale is not None)), dtype)
         return out
 
     def _gpu_slice(self, latT, scale, points):
+        """CUDA path: (M, C) -> point-major (n_points, C), times ``scale`` per point."""
         xp = self.xp
         dtype = np.result_type(latT.dtype, self.dtype)
         vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
@@ -767,7 +780,7 @@ class Lattice:
         n, D1 = vertex.shape
         C = latT.shape[1]
         sc = xp.zeros(1, dtype) if scale is None else xp.ascontiguousarray(scale, dtype=dtype)
-        out = xp.empty((C, n), dtype=dtype)
+        out = xp.empty((n, C), dtype=dtype)
         self._gpu.launch('lattice_slice', n * C, (xp.ascontiguousarray(latT, dtype=dtype),
                                                   xp.ascontiguousarray(vertex, dtype=np.int32),
                                                   xp.ascontiguousarray(weight, dtype=dtype), sc, out,
@@ -785,7 +798,9 @@ class Lattice:
 
     def _splatT(self, xT, points='in'):
         """(n_points, C) -> (M, C): barycentric splat of the input ('in') or output ('out') points."""
-        if self._kern is not None or self._gpu is not None:
+        if self._gpu is not None:
+            return self._gpu_splat(xT, None, points)
+        if self._kern is not None:
             return self._splat_cf(xT.T, None, points)
         return self._spmm(self._S_in if points == 'in' else self._S_out, xT)
 
@@ -793,7 +808,9 @@ class Lattice:
         """values (C, n_points) channel-first, times ``scale`` (n_points,) per point when given,
         splatted: (M, C)."""
         if self._gpu is not None:
-            return self._gpu_splat(values, scale, points)
+            if values.ndim != 2:
+                raise ValueError('expected an array of shape (C, n), got %s' % (values.shape,))
+            return self._gpu_splat(self.xp.ascontiguousarray(values.T), scale, points)
         if self._kern is not None:
             n = self.n_in if points == 'in' else self.n_out
             if values.ndim != 2 or values.shape[1] != n:
@@ -814,7 +831,7 @@ class Lattice:
     def _slice_cf(self, latT, scale=None, points='out'):
         """(M, C) -> channel-first (C, n_points), times ``scale`` (n_points,) per point when given."""
         if self._gpu is not None:
-            return self._gpu_slice(latT, scale, points)
+            return self._gpu_slice(latT, scale, points).T
         if self._kern is not None:
             dtype = np.result_type(latT.dtype, self.dtype)
             vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
@@ -832,7 +849,7 @@ class Lattice:
     def _sliceT(self, latT, points='out'):
         """(M, C) -> (n_points, C): barycentric interpolation at the output ('out') or input points."""
         if self._gpu is not None:
-            return self._gpu_slice(latT, None, points).T
+            return self._gpu_slice(latT, None, points)
         if self._kern is not None:
             dtype = np.result_type(latT.dtype, self.dtype)
             vertex, weight = (self.vertex_out, self.weight_out) if points == 'out' else \
