@@ -6,8 +6,17 @@
 2. CuPy against NumPy on the bundled model and on random CrfGrad instances (forward and every diff),
    with the CUDA kernels (crfgrad_cupy/core/cuda_kernels.py, the default) and with the array code
    (CRFGRAD_NO_RAWKERNEL=1);
-3. timings, kernels and array code: the CrfGrad layer (N=1, L=21, k=9, T=5) at 512x1024 and 1024x2048, forward and
-   forward+backward, and the spatial term against torch.nn.functional.conv2d (cuDNN) on the same GPU.
+3. timings: the CrfGrad layer (N=1, L=21, k=9, T=5) at 512x1024 and 1024x2048, forward and
+   forward+backward (at 512x1024 also the forward with the array code, and the forward's stages
+   both ways), and the spatial term against torch.nn.functional.conv2d (cuDNN) on the same GPU.
+
+On the device machine (../shared does not travel there): copy what it reads into the git-ignored
+.device_data/ first, then run it in one call, carrying that folder::
+
+    mkdir -p .device_data/shared/data/caffe_models
+    cp -r ../shared/oracle .device_data/shared/
+    cp -r ../shared/data/caffe_models/crfgrad_horse_caffe .device_data/shared/data/caffe_models/
+    # device: python3 tools/gpu_check.py --shared .device_data/shared --out $OUT   (carry .device_data)
 
 Writes a Markdown table to stdout and to OUT/gpu_results.md (+ gpu_results.json). Each part runs
 on its own: a failure is reported and the next part still runs.
@@ -243,9 +252,12 @@ def timings(quick):
         rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d forward' % (H, W), 'ms': fwd * 1e3})
         rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d fwd+bwd' % (H, W), 'ms': fb * 1e3})
         if H <= 512:
+            out_k = cp.asnumpy(net.forward()['crf'])
             with _array_code():
                 fwd_a = _time(lambda: net.forward(), sync, 3)
-            rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d forward, array code (no kernels)' % (H, W),
+                out_a = cp.asnumpy(net.forward()['crf'])
+            rows.append({'what': 'CrfGrad L=21 k=9 T=5 %dx%d forward, array code (no kernels); max rel '
+                         'difference of the outputs kernels vs array code %.1e' % (H, W, _max_rel(out_k, out_a)),
                          'ms': fwd_a * 1e3})
             rows += _stages(cp, net, H, W, sync)
         # spatial term alone: ours (kernel transform once, T applies) vs T torch conv2d
@@ -280,39 +292,52 @@ def timings(quick):
 
 
 def _stages(cp, net, H, W, sync):
-    """Where the forward's time goes: each stage once per call, kernels and array code."""
+    """Where the forward's time goes (each stage alone: lattice build with normalisers, one bilateral
+    filtering, one spatial apply, one projection) and the stages' outputs, kernels against array code,
+    on random states and taps."""
     from crfgrad_cupy.core import lattice as lat_mod
     from crfgrad_cupy.core.projection import project_simplex
     from crfgrad_cupy.core.spatial import SpatialFilter
     feat = net.blobs['feat'].data[0]
     d = feat.shape[0]
-    q = net.blobs['prob'].data
-    L = q.shape[1]
-    w = net.params['crf'][1].data
-    taps = net.params['crf'][2].data.reshape(L, L, -1)
-    rows = []
+    L = net.blobs['prob'].shape[1]
+    rng = cp.random.default_rng(5) if hasattr(cp, 'random') else np.random.default_rng(5)
+    q = rng.standard_normal((1, L, H, W), dtype=np.float32)
+    x = q[0].reshape(L, -1)
+    w = 0.05 * rng.standard_normal(net.params['crf'][1].shape, dtype=np.float32)
+    taps = 0.05 * rng.standard_normal((L, L, net.params['crf'][2].shape[-1]), dtype=np.float32)
+    rows, outs = [], {}
     for label, ctx in (('kernels', None), ('array code', _array_code)):
-        def run(fn):
-            if ctx is None:
-                return _time(fn, sync, 5)
-            with ctx():
-                return _time(fn, sync, 5)
-        holder = {}
+        with (ctx() if ctx is not None else _nothing()):
+            holder = {}
 
-        def build():
-            holder['f'] = lat_mod.BilateralFilter(lat_mod.build_lattice(feat.reshape(d, -1)))
-        t_build = run(build)
-        f = holder['f']
-        x = q[0].reshape(L, -1)
-        t_apply = run(lambda: f.apply(x, taps))
-        sf = {}
-        t_spat = run(lambda: sf.setdefault('f', SpatialFilter(w, H, W)).apply(q))
-        t_proj = run(lambda: project_simplex(q, 0.5, axis=1))
+            def build():
+                holder['f'] = lat_mod.BilateralFilter(lat_mod.build_lattice(feat.reshape(d, -1)))
+            t_build = _time(build, sync, 5)
+            f = holder['f']
+            sf = SpatialFilter(w, H, W, method='fft')
+            t_apply = _time(lambda: f.apply(x, taps), sync, 5)
+            t_spat = _time(lambda: sf.apply(q), sync, 5)
+            t_proj = _time(lambda: project_simplex(q, 0.5, axis=1), sync, 5)
+            outs[label] = [cp.asnumpy(a) for a in (f.apply(x, taps), sf.apply(q), project_simplex(q, 0.5, axis=1)[0])]
         rows.append({'what': 'stages %dx%d (%s): lattice build + normalisers %.2f ms (M = %d), one bilateral '
-                     'filtering %.2f ms, one spatial apply %.2f ms, one projection %.2f ms' % (
+                     'filtering %.2f ms, one spatial apply (FFT) %.2f ms, one projection %.2f ms' % (
                          H, W, label, t_build * 1e3, f.lattice.num_vertices, t_apply * 1e3, t_spat * 1e3,
                          t_proj * 1e3), 'ms': (t_build + t_apply + t_spat + t_proj) * 1e3})
+    errs = [_max_rel(a, b) for a, b in zip(outs['kernels'], outs['array code'])]
+    rows[-1]['what'] += ('; kernels vs array code, max rel difference: bilateral %.1e, spatial %.1e, '
+                         'projection %.1e' % tuple(errs))
+    if max(errs) > 1e-4:
+        rows[-1]['what'] += ' (ABOVE 1e-4)'
     return rows
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def environment():

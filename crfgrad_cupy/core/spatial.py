@@ -243,8 +243,8 @@ def _cuda_mix(xp, kt, xhat, ws=None):
     o = kt.shape[0]
     xhat = xp.ascontiguousarray(xhat)
     out = _buffer(xp, ws, 'mixed_k', (o, t, ph, pf), xhat.dtype)
-    ks.launch('freq_mix', t * ph * pf, (xhat.view(real), kt.view(real), out.view(real), o, t, ph * pf),
-              real, CIN=c)
+    # complex arrays go in as they are: the kernel reads them as interleaved (re, im) pairs of REAL
+    ks.launch('freq_mix', t * ph * pf, (xhat, xp.ascontiguousarray(kt), out, o, t, ph * pf), real, CIN=c)
     return out
 
 
