@@ -68,7 +68,8 @@ def _close(a, b, dtype):
 def test_source_compiles_for_the_gpu(tmp_path, real):
     src = tmp_path / 'k.cu'
     src.write_text(ck.SOURCE)
-    for defines in (['-DOB=21', '-DCIN=21', '-DLMAX=21'], ['-DOB=1', '-DCIN=64', '-DLMAX=256']):
+    for defines in (['-DOB=21', '-DCIN=21', '-DLMAX=21'], ['-DOB=1', '-DCIN=64', '-DLMAX=256'],
+                    ['-DDMAX=5', '--fmad=false']):
         proc = subprocess.run(['nvcc', '-ptx', '-DREAL=' + real] + defines + ['-o', str(tmp_path / 'k.ptx'),
                                                                               str(src)],
                               capture_output=True, text=True)
@@ -156,6 +157,26 @@ def test_lattice_kernels_equal_the_array_code(emulate, monkeypatch, dtype, same)
     for norm in ('symmetric', 'after', 'none'):
         for a, b in zip(ours[norm], ref[norm]):
             _close(a, b, dtype)
+
+
+@needs_cxx
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('d', [1, 2, 5, 8])
+def test_lattice_points_kernel_is_bit_exact(emulate, monkeypatch, dtype, d):
+    """Elevation, rounding, ranks and barycentric weights: the same bits as the array code, also on
+    features at rounding ties (integers and halves)."""
+    rng = np.random.default_rng(10 + d)
+    f = np.concatenate([rng.normal(0, 3, (d, 300)), np.round(rng.normal(0, 3, (d, 200)) * 2) / 2], axis=1)
+    f = f.astype(dtype)
+
+    def run():
+        lat = L.build_lattice(f)
+        return lat.vertex_in, lat.weight_in, lat.immediate
+    ours = run()
+    assert 'lattice_points' in emulate
+    ref = _reference(monkeypatch, run)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_cxx

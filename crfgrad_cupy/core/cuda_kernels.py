@@ -30,6 +30,9 @@ Layouts (row-major; ``REAL`` float or double, ``i32`` int32):
                       y[k, c] = scale[k] Σ_r weight[k, r] Y[vertex[k, r], c]
 * ``lattice_splat``   x (n, C), scale (n,), CSR of the splat matrix (indptr (M+1,), point (nnz,),
                       weight (nnz,)) -> out (M, C): Z[v, c] = Σ_j weight[j] scale[p_j] x[p_j, c]
+* ``lattice_points``  feat (d, n), scale (d,) -> rem0, rank (d+1, n) int64, bary (d+1, n): per point
+                      Caffe's elevation, rounding, ranks and barycentric weights (as the array
+                      code's _elevate_and_simplex, op for op: built without FMA contraction, FMAD=0)
 * ``lattice_tap_table`` imm (d+1, M+1) i32, parent (F,), direction (F,) -> nbr (M, F): Caffe's walk,
                       tap f = tap parent[f] then one step along direction[f] (missing stays missing)
 * ``lattice_invert_taps`` nbr (M, F) -> inv (M, F) (pre-filled with M): inv[nbr[v, f], f] = v
@@ -75,6 +78,9 @@ SOURCE = r'''
 #endif
 #ifndef LMAX
 #define LMAX 1
+#endif
+#ifndef DMAX
+#define DMAX 1
 #endif
 typedef long long i64;
 #define GRID_LOOP(i, n) \
@@ -200,6 +206,60 @@ extern "C" __global__ void lattice_splat(const REAL* __restrict__ x, const REAL*
             acc += pw[j] * val;
         }
         out[i] = acc;
+    }
+}
+
+extern "C" __global__ void lattice_points(const REAL* __restrict__ feat, const REAL* __restrict__ scale,
+                                          long long* __restrict__ rem0, long long* __restrict__ rank,
+                                          REAL* __restrict__ bary, int d, int n)
+{
+    /* compiled without FMA contraction: every product and sum rounded as the array code does */
+    const int dp1 = d + 1;
+    const float down32 = 1.0f / (float)dp1;
+    GRID_LOOP(k, n) {
+        REAL el[DMAX + 1], plus[DMAX + 2], minus[DMAX + 2];
+        float res[DMAX + 1];
+        long long r0[DMAX + 1];
+        int rk[DMAX + 1];
+        REAL sm = (REAL)0;
+        for (int j = d; j > 0; --j) {
+            const REAL cf = feat[(i64)(j - 1) * n + k] * scale[j - 1];
+            el[j] = sm - (REAL)j * cf;
+            sm = sm + cf;
+        }
+        el[0] = sm;
+        long long total = 0;
+        for (int i = 0; i < dp1; ++i) {
+            const float e32 = (float)el[i];
+            const double x = (double)(down32 * e32);
+            const long long rd = (long long)trunc(x + (x < 0 ? -0.5 : 0.5));
+            r0[i] = rd * dp1;
+            total += rd;
+            res[i] = e32 - (float)r0[i];
+            rk[i] = 0;
+        }
+        for (int i = 0; i < d; ++i)
+            for (int j = i + 1; j < dp1; ++j) {
+                if (res[i] < res[j]) rk[i] += 1; else rk[j] += 1;
+            }
+        for (int i = 0; i < dp1; ++i) {
+            long long r = rk[i] + total;
+            if (r < 0) { r += dp1; r0[i] += dp1; }
+            else if (r > d) { r -= dp1; r0[i] -= dp1; }
+            rk[i] = (int)r;
+            rem0[(i64)i * n + k] = r0[i];
+            rank[(i64)i * n + k] = r;
+        }
+        for (int j = 0; j < dp1 + 1; ++j) { plus[j] = (REAL)0; minus[j] = (REAL)0; }
+        for (int i = 0; i < dp1; ++i) {
+            const REAL v = (el[i] - (REAL)r0[i]) * (REAL)down32;
+            plus[d - rk[i]] = v;
+            minus[d - rk[i] + 1] = v;
+        }
+        for (int j = 1; j < dp1; ++j) bary[(i64)j * n + k] = plus[j] - minus[j];
+        const REAL last = plus[dp1] - minus[dp1];
+        const REAL first = plus[0] - minus[0];
+        bary[k] = (REAL)((double)first + (1.0 + (double)last));
     }
 }
 
@@ -357,6 +417,7 @@ extern "C" __global__ void freq_mix(const REAL* __restrict__ x, const REAL* __re
 # C++ stand-ins for CUDA's built-ins: one block of one thread, so every grid-stride loop runs
 # over all its outputs in one call
 _EMULATION_PRELUDE = r'''
+#include <math.h>
 struct crfgrad_dim3 { unsigned int x, y, z; };
 static const crfgrad_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
 static const crfgrad_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
@@ -371,6 +432,7 @@ _SIGNATURES = {
     'lattice_blur_scalar': 'pppp' + 'iii',
     'lattice_slice': 'ppppp' + 'iiii',
     'lattice_splat': 'pppppp' + 'iii',
+    'lattice_points': 'ppppp' + 'ii',
     'lattice_tap_table': 'pppp' + 'ii',
     'lattice_invert_taps': 'pp' + 'ii',
     'simplex_project': 'pppp' + 'r' + 'iii',
@@ -400,7 +462,8 @@ def _real_name(dtype):
 class KernelSet:
     """The kernels for one array module: ``launch(name, n, args, dtype, **defines)`` runs kernel
     ``name`` over ``n`` outputs; args are arrays (C-contiguous, of the module), Python ints (int32)
-    and floats (REAL).  ``xp`` is the array module; ``emulated`` is True for the C++ build."""
+    and floats (REAL); ``defines`` are the compile-time sizes (OB, CIN, LMAX, DMAX) and FMAD=0 for
+    a module built without multiply-add contraction.  ``xp`` is the array module; ``emulated`` is True for the C++ build."""
 
     def __init__(self, xp, emulated=False):
         self.xp = xp
@@ -416,12 +479,13 @@ class KernelSet:
             with self._lock:
                 mod = self._modules.get(key)
                 if mod is None:
-                    opts = ['-DREAL=%s' % key[0]] + ['-D%s=%d' % (k, v) for k, v in key[1:]]
+                    opts = ['-DREAL=%s' % key[0]] + ['-D%s=%d' % (k, v) for k, v in key[1:] if k != 'FMAD']
+                    fmad = bool(defines.get('FMAD', 1))
                     if self.emulated:
-                        mod = _compile_host(opts)
+                        mod = _compile_host(opts + ([] if fmad else ['-ffp-contract=off']))
                     else:
                         import cupy          # only ever reached with CuPy arrays
-                        mod = cupy.RawModule(code=SOURCE, options=tuple(opts))
+                        mod = cupy.RawModule(code=SOURCE, options=tuple(opts + ([] if fmad else ['--fmad=false'])))
                     self._modules[key] = mod
         return mod
 

@@ -180,6 +180,15 @@ def _round_half_away(xp, x):
 # lattice construction
 # --------------------------------------------------------------------------------------
 
+def _feature_scales(d, dtype):
+    """(d,) Caffe's per-feature elevation scales σ_i = sqrt(2/3)(d+1) / sqrt((i+1)(i+2)), rounded
+    through float32 as Caffe computes them, in ``dtype``."""
+    f32 = np.float32
+    inv_std_dev = f32(np.sqrt(2.0 / 3.0) * (d + 1))
+    return np.array([dtype(f32(1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev))) for i in range(d)],
+                    dtype=dtype)
+
+
 def _elevate_and_simplex(features, xp):
     """Caffe's elevation, rounding, ranking and barycentric weights.
 
@@ -188,8 +197,7 @@ def _elevate_and_simplex(features, xp):
     d, n = features.shape
     dtype = features.dtype.type
     f32 = np.float32
-    inv_std_dev = f32(np.sqrt(2.0 / 3.0) * (d + 1))
-    scale = [dtype(f32(1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev))) for i in range(d)]
+    scale = [dtype(x) for x in _feature_scales(d, dtype)]
 
     # elevated[j] = sm - j * cf (j = d..1), sm accumulates cf; elevated[0] = sm
     elevated = xp.empty((d + 1, n), dtype=dtype)
@@ -377,7 +385,10 @@ class Lattice:
         """Construction with sorts and gathers over all points (NumPy or CuPy)."""
         xp, d, s, n_in, same = self.xp, self.d, self.neighborhood_size, self.n_in, self.same_points
         n = feats.shape[1]
-        rem0, rank, bary = _elevate_and_simplex(feats, xp)
+        if self._gpu is not None:
+            rem0, rank, bary = self._gpu_points(feats)
+        else:
+            rem0, rank, bary = _elevate_and_simplex(feats, xp)
         if visualize:
             bary = xp.ones_like(bary)
 
@@ -470,6 +481,19 @@ class Lattice:
         self._taps_v = taps_v
         self._taps_u = taps_u
 
+    def _gpu_points(self, feats):
+        """CUDA path of :func:`_elevate_and_simplex`: one thread per point, the same arithmetic."""
+        xp, d = self.xp, self.d
+        n = feats.shape[1]
+        dtype = feats.dtype.type
+        scale = _feature_scales(d, dtype)
+        rem0 = xp.empty((d + 1, n), dtype=np.int64)
+        rank = xp.empty((d + 1, n), dtype=np.int64)
+        bary = xp.empty((d + 1, n), dtype=dtype)
+        self._gpu.launch('lattice_points', n, (xp.ascontiguousarray(feats), xp.asarray(scale), rem0, rank, bary,
+                                               d, n), dtype, DMAX=d, FMAD=0)
+        return rem0, rank, bary
+
     def _gpu_tap_table(self, imm):
         """The tap table nbr (M, F) int32 by one kernel walking every vertex (CUDA path)."""
         xp, M, F = self.xp, self.num_vertices, self.num_taps
@@ -489,9 +513,7 @@ class Lattice:
         n = feats.shape[1]
         dtype = feats.dtype.type
         f32 = np.float32
-        inv_std_dev = f32(np.sqrt(2.0 / 3.0) * (d + 1))
-        scale = np.array([dtype(f32(1.0 / np.sqrt((i + 2) * (i + 1)) * np.float64(inv_std_dev)))
-                          for i in range(d)], dtype=dtype)
+        scale = _feature_scales(d, dtype)
         jvals = np.arange(d + 1).astype(dtype)
         down32 = f32(1.0) / f32(d + 1)
         rem0 = np.empty((n, d + 1), np.int64)
