@@ -469,6 +469,7 @@ class KernelSet:
         self.xp = xp
         self.emulated = bool(emulated)
         self._modules = {}
+        self._functions = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ compilation
@@ -524,8 +525,12 @@ class KernelSet:
                 conv.append(np.int32(_int32(a)))
             else:
                 conv.append(real(a))
+        fkey = (id(mod), name)
+        fn = self._functions.get(fkey)
+        if fn is None:
+            fn = self._functions[fkey] = mod.get_function(name)
         blocks = max(1, min(_MAX_BLOCKS, -(-n // _THREADS)))
-        mod.get_function(name)((blocks,), (_THREADS,), tuple(conv))
+        fn((blocks,), (_THREADS,), tuple(conv))
 
 
 def _int32(v):
