@@ -22,6 +22,7 @@ Writes a Markdown table to stdout and to OUT/gpu_results.md (+ gpu_results.json)
 on its own: a failure is reported and the next part still runs.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -301,14 +302,17 @@ def _stages(cp, net, H, W, sync):
     feat = net.blobs['feat'].data[0]
     d = feat.shape[0]
     L = net.blobs['prob'].shape[1]
-    rng = cp.random.default_rng(5) if hasattr(cp, 'random') else np.random.default_rng(5)
-    q = rng.standard_normal((1, L, H, W), dtype=np.float32)
+    rng = np.random.default_rng(5)
+
+    def normal(shape, scale=1.0):
+        return cp.asarray((scale * rng.standard_normal(shape)).astype(np.float32))
+    q = normal((1, L, H, W))
     x = q[0].reshape(L, -1)
-    w = 0.05 * rng.standard_normal(net.params['crf'][1].shape, dtype=np.float32)
-    taps = 0.05 * rng.standard_normal((L, L, net.params['crf'][2].shape[-1]), dtype=np.float32)
+    w = normal(net.params['crf'][1].shape, 0.05)
+    taps = normal((L, L, net.params['crf'][2].shape[-1]), 0.05)
     rows, outs = [], {}
     for label, ctx in (('kernels', None), ('array code', _array_code)):
-        with (ctx() if ctx is not None else _nothing()):
+        with (ctx() if ctx is not None else contextlib.nullcontext()):
             holder = {}
 
             def build():
@@ -330,14 +334,6 @@ def _stages(cp, net, H, W, sync):
     if max(errs) > 1e-4:
         rows[-1]['what'] += ' (ABOVE 1e-4)'
     return rows
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def environment():

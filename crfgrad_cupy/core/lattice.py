@@ -773,9 +773,9 @@ class Lattice:
             S = S.tocsr()
             S.sort_indices()
             xp = self.xp
-            self._splat_csr[key] = (xp.ascontiguousarray(S.indptr.astype(np.int32)),
-                                    xp.ascontiguousarray(S.indices.astype(np.int32)),
-                                    xp.ascontiguousarray(S.data.astype(dtype)))
+            self._splat_csr[key] = (xp.ascontiguousarray(S.indptr, dtype=np.int32),
+                                    xp.ascontiguousarray(S.indices, dtype=np.int32),
+                                    xp.ascontiguousarray(S.data, dtype=dtype))
         return self._splat_csr[key]
 
     def _gpu_splat(self, xT, scale, points):

@@ -231,20 +231,15 @@ def _cuda(xp, a):
     return cuda_kernels.kernels(xp)
 
 
-def _cuda_mix(xp, kt, xhat, ws=None):
-    """The CUDA version of :func:`_tile_mix`: kt (O, C, Ph·Pf) the kernel transform channel-major,
-    xhat (C, T, Ph, Pf) -> (O, T, Ph, Pf); None when the kernels do not apply."""
+def _cuda_mix(ks, xp, kt, xhat, ws=None):
+    """The CUDA version of :func:`_tile_mix` with the kernel set ``ks``: kt (O, C, Ph·Pf) the kernel
+    transform channel-major (contiguous), xhat (C, T, Ph, Pf) -> (O, T, Ph, Pf)."""
     c, t, ph, pf = xhat.shape
-    real = np.dtype(xhat.dtype).type(0).real.dtype
-    ks = cuda_kernels.kernels(xp)
-    if ks is None or c > cuda_kernels.MAX_MIX_CHANNELS or xhat.dtype != kt.dtype or \
-            real not in (np.float32, np.float64):
-        return None
-    o = kt.shape[0]
-    xhat = xp.ascontiguousarray(xhat)
-    out = _buffer(xp, ws, 'mixed_k', (o, t, ph, pf), xhat.dtype)
+    real = np.empty(0, dtype=xhat.dtype).real.dtype
+    out = _buffer(xp, ws, 'mixed_k', (kt.shape[0], t, ph, pf), xhat.dtype)
     # complex arrays go in as they are: the kernel reads them as interleaved (re, im) pairs of REAL
-    ks.launch('freq_mix', t * ph * pf, (xhat, xp.ascontiguousarray(kt), out, o, t, ph * pf), real, CIN=c)
+    ks.launch('freq_mix', t * ph * pf, (xp.ascontiguousarray(xhat), kt, out, kt.shape[0], t, ph * pf),
+              real, CIN=c)
     return out
 
 
@@ -568,6 +563,7 @@ class SpatialFilter:
         self.tiling = _Tiling(self.height, self.width, self.k)
         self.grid = (self.tiling.ph, self.tiling.pw)
         self._kf = self._kf_adj_cache = None
+        self._kt = {}                      # channel-major copies of the kernel transforms (CUDA mixing)
         t = self.tiling
         self._ws = _workspace((self.xp.__name__, t.th, t.tw, t.ph, t.pw, t.ny, t.nx))
         if method == 'fft':
@@ -605,18 +601,17 @@ class SpatialFilter:
 
     def _channel_major(self, kf):
         """kf (Ph·Pf, O, C) as (O, C, Ph·Pf) for the CUDA mixing (one copy per transform, kept)."""
-        cache = self.__dict__.setdefault('_kt', {})
         key = id(kf)
-        if key not in cache:
-            cache[key] = (kf, self.xp.ascontiguousarray(kf.transpose(1, 2, 0)))
-        return cache[key][1]
+        if key not in self._kt:
+            self._kt[key] = (kf, self.xp.ascontiguousarray(kf.transpose(1, 2, 0)))
+        return self._kt[key][1]
 
     def _tiled(self, kf, ahat, n, dtype):
         xp, t = self.xp, self.tiling
-        mixed = None
-        if cuda_kernels.kernels(xp) is not None:
-            mixed = _cuda_mix(xp, self._channel_major(kf), ahat, self._ws)
-        if mixed is None:
+        ks = cuda_kernels.kernels(xp)
+        if ks is not None and ahat.shape[0] <= cuda_kernels.MAX_MIX_CHANNELS and ahat.dtype == kf.dtype:
+            mixed = _cuda_mix(ks, xp, self._channel_major(kf), ahat, self._ws)
+        else:
             mixed = _tile_mix(xp, kf, ahat, self._ws)
         return t.assemble(xp, t.irfft(xp, mixed, overwrite=True), n).astype(dtype, copy=False)
 
