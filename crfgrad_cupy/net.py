@@ -376,12 +376,16 @@ class Net:
             raise CrfGradError('no layer named %r' % layer_name)
         return self._layer_names.index(layer_name)
 
+    def _blob_and_value(self, name, value):
+        """The blob ``name`` and ``value`` as an array of the current mode in the blob's dtype."""
+        if name not in self.blobs:
+            raise CrfGradError('no blob named %r' % name)
+        blob = self.blobs[name]
+        return blob, backend.xp().asarray(value, dtype=blob.dtype)
+
     def _set_inputs(self, kwargs):
         for name, value in kwargs.items():
-            if name not in self.blobs:
-                raise CrfGradError('no blob named %r' % name)
-            blob = self.blobs[name]
-            value = backend.xp().asarray(value, dtype=blob.dtype)
+            blob, value = self._blob_and_value(name, value)
             if value.shape != blob.shape:
                 if name not in self._inputs:
                     raise CrfGradError('blob %r has shape %s, got %s' % (name, blob.shape, value.shape))
@@ -428,10 +432,7 @@ class Net:
 
         Returns {input name: diff} (plus the blobs named in ``diffs``)."""
         for name, value in kwargs.items():
-            if name not in self.blobs:
-                raise CrfGradError('no blob named %r' % name)
-            blob = self.blobs[name]
-            value = backend.xp().asarray(value, dtype=blob.dtype)
+            blob, value = self._blob_and_value(name, value)
             if value.shape != blob.shape:
                 raise CrfGradError('diff for %r has shape %s, blob has %s' % (name, value.shape, blob.shape))
             blob.diff[...] = value

@@ -439,6 +439,24 @@ def test_unknown_layer_type_names_the_layer(tmp_path):
     assert exc.value.layer == 'weird' and exc.value.field == 'type'
 
 
+def test_dagnn_filters_stored_flat_are_shaped_by_block_size(tmp_path):
+    """A filter parameter saved as a flat vector gets its shape from the block's ``size`` (MATLAB's
+    column-major order), for Conv and ConvTranspose blocks alike."""
+    struct, values = _dagnn_struct()
+    for p in struct['params']:
+        if p['name'] in ('g_f', 't_f'):
+            p['value'] = np.asarray(p['value']).ravel(order='F')
+    path = str(tmp_path / 'flat.mat')
+    save_mat(path, {'net': struct}, version='7')
+    conv = matconvnet_to_caffe(path)
+    net = _load_converted(conv, tmp_path)
+    x = _rng().standard_normal((1, 4, 9, 8)).astype(np.float32)
+    net.forward(**{'in': x})
+    ref = _dagnn_reference(values, x)
+    for name in ('g', 't', 'out'):
+        assert_close(net.blobs[conv.blob_of_var[name]].data, ref[name], rtol=1e-4, atol=1e-6, what=name)
+
+
 def test_unknown_dagnn_type_names_the_layer(tmp_path):
     struct, _ = _dagnn_struct()
     struct['layers'][2]['type'] = 'dagnn.BilinearSampler'

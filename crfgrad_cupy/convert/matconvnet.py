@@ -159,6 +159,36 @@ def _bool(value, default):
     return bool(np.asarray(value).ravel()[0])
 
 
+def _layer_attrs(ctype, get, source, name, pool_field, has_bias):
+    """Attributes of the layer kinds SimpleNN layers and DagNN blocks describe alike; ``get(field)``
+    reads a field, ``pool_field`` names the pool size ('pool' / 'poolSize'), ``has_bias`` is decided
+    by the caller (SimpleNN: a second weight, DagNN: hasBias)."""
+    if ctype == 'conv':
+        return dict(pad=_pad4(get('pad'), source, name),
+                    stride=_pair(get('stride'), source, name, 'stride'),
+                    dilate=_pair(get('dilate'), source, name, 'dilate'),
+                    has_bias=has_bias)
+    if ctype == 'convt':
+        return dict(crop=_pad4(get('crop'), source, name, 'crop'),
+                    upsample=_pair(get('upsample'), source, name, 'upsample'),
+                    groups=int(_scalar(get('numGroups'), source, name, 'numGroups', 1)),
+                    has_bias=has_bias)
+    if ctype == 'pool':
+        return dict(method=_text(get('method'), 'max') or 'max',
+                    pool=_pair(get(pool_field), source, name, pool_field),
+                    pad=_pad4(get('pad'), source, name),
+                    stride=_pair(get('stride'), source, name, 'stride'))
+    if ctype == 'relu':
+        return {'leak': _scalar(get('leak'), source, name, 'leak', 0.0)}
+    if ctype == 'dropout':
+        return {'rate': _scalar(get('rate'), source, name, 'rate', 0.5)}
+    if ctype == 'bnorm':
+        return {'epsilon': _scalar(get('epsilon'), source, name, 'epsilon', 1e-5)}
+    if ctype == 'lrn':
+        return {'param': _vec(get('param'), source, name, 'param', (4,), default=[5, 1, 0.0001 / 5, 0.75])}
+    return {}
+
+
 def _array(value):
     if value is None:
         return None
@@ -235,7 +265,6 @@ def _read_simplenn(cells, meta, source):
             raise _err(source, name, 'MatConvNet layer type %r has no Caffe equivalent (supported: %s)'
                        % (mcn_type, ', '.join(sorted(_SIMPLENN_TYPES))), 'type')
         params = []
-        attrs = {}
         if ctype in ('conv', 'convt', 'bnorm'):
             if 'weights' in l and l['weights'] is not None and not (
                     isinstance(l['weights'], np.ndarray) and l['weights'].size == 0):
@@ -248,32 +277,9 @@ def _read_simplenn(cells, meta, source):
                            % (mcn_type, ', '.join(l)), 'weights')
             if not params or params[0] is None:
                 raise _err(source, name, '%s layer has empty weights' % mcn_type, 'weights')
-        if ctype == 'conv':
-            attrs.update(pad=_pad4(l.get('pad'), source, name),
-                         stride=_pair(l.get('stride'), source, name, 'stride'),
-                         dilate=_pair(l.get('dilate'), source, name, 'dilate'),
-                         has_bias=len(params) > 1 and params[1] is not None)
-        elif ctype == 'convt':
-            attrs.update(crop=_pad4(l.get('crop'), source, name, 'crop'),
-                         upsample=_pair(l.get('upsample'), source, name, 'upsample'),
-                         groups=int(_scalar(l.get('numGroups'), source, name, 'numGroups', 1)),
-                         has_bias=len(params) > 1 and params[1] is not None)
-        elif ctype == 'pool':
-            if l.get('pool') is None:
-                raise _err(source, name, 'pool layer has no pool size', 'pool')
-            attrs.update(method=_text(l.get('method'), 'max') or 'max',
-                         pool=_pair(l.get('pool'), source, name, 'pool'),
-                         pad=_pad4(l.get('pad'), source, name),
-                         stride=_pair(l.get('stride'), source, name, 'stride'))
-        elif ctype == 'relu':
-            attrs['leak'] = _scalar(l.get('leak'), source, name, 'leak', 0.0)
-        elif ctype == 'dropout':
-            attrs['rate'] = _scalar(l.get('rate'), source, name, 'rate', 0.5)
-        elif ctype == 'bnorm':
-            attrs['epsilon'] = _scalar(l.get('epsilon'), source, name, 'epsilon', 1e-5)
-        elif ctype == 'lrn':
-            attrs['param'] = _vec(l.get('param'), source, name, 'param', (4,),
-                                  default=[5, 1, 0.0001 / 5, 0.75])
+        if ctype == 'pool' and l.get('pool') is None:
+            raise _err(source, name, 'pool layer has no pool size', 'pool')
+        attrs = _layer_attrs(ctype, l.get, source, name, 'pool', len(params) > 1 and params[1] is not None)
         out = name
         k = 1
         while out in used:
@@ -316,33 +322,9 @@ def _read_dagnn(net, meta, source):
                 if pn not in by_name:
                     raise _err(source, name, 'parameter %r is not in net.params' % pn, 'params')
                 params.append(by_name[pn])
-        attrs = {}
-        if ctype == 'conv':
-            attrs.update(pad=_pad4(block.get('pad'), source, name),
-                         stride=_pair(block.get('stride'), source, name, 'stride'),
-                         dilate=_pair(block.get('dilate'), source, name, 'dilate'),
-                         has_bias=_bool(block.get('hasBias'), True),
-                         size=_array(block.get('size')))
-        elif ctype == 'convt':
-            attrs.update(crop=_pad4(block.get('crop'), source, name, 'crop'),
-                         upsample=_pair(block.get('upsample'), source, name, 'upsample'),
-                         groups=int(_scalar(block.get('numGroups'), source, name, 'numGroups', 1)),
-                         has_bias=_bool(block.get('hasBias'), True),
-                         size=_array(block.get('size')))
-        elif ctype == 'pool':
-            attrs.update(method=_text(block.get('method'), 'max') or 'max',
-                         pool=_pair(block.get('poolSize'), source, name, 'poolSize'),
-                         pad=_pad4(block.get('pad'), source, name),
-                         stride=_pair(block.get('stride'), source, name, 'stride'))
-        elif ctype == 'relu':
-            attrs['leak'] = _scalar(block.get('leak'), source, name, 'leak', 0.0)
-        elif ctype == 'dropout':
-            attrs['rate'] = _scalar(block.get('rate'), source, name, 'rate', 0.5)
-        elif ctype == 'bnorm':
-            attrs['epsilon'] = _scalar(block.get('epsilon'), source, name, 'epsilon', 1e-5)
-        elif ctype == 'lrn':
-            attrs['param'] = _vec(block.get('param'), source, name, 'param', (4,),
-                                  default=[5, 1, 0.0001 / 5, 0.75])
+        attrs = _layer_attrs(ctype, block.get, source, name, 'poolSize', _bool(block.get('hasBias'), True))
+        if ctype in ('conv', 'convt'):
+            attrs['size'] = _array(block.get('size'))
         elif ctype == 'concat':
             attrs['dim'] = int(_scalar(block.get('dim'), source, name, 'dim', 3))
         elif ctype == 'crop':
